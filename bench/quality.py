@@ -1,0 +1,85 @@
+"""Unlearn N dev facts on a checkpoint and measure Eff/Gen/Spe/PPL on the written output vs the base.
+
+    python bench/quality.py --model DIR --facts tests/data/facts-dev.jsonl --n 10 [--set k=v ...]
+
+Requests are edited WITHOUT their paraphrases and neighbours, which are then probed (unseen).
+Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def metrics(model_dir: Path, facts: list[dict], text: str) -> dict:
+    from zu_cli.checkpoint import load_model, open_checkpoint
+    from zu_cli.verify import perplexity, probe
+
+    model, tok = load_model(open_checkpoint(model_dir), device_map="cpu", dtype="float32")
+    main = probe(model, tok, [(f["prompt"], f["target"]) for f in facts])
+    para = probe(model, tok, [(p, f["target"]) for f in facts for p in f.get("paraphrases", [])])
+    nbr = probe(model, tok, [(nb["prompt"], nb["target"]) for f in facts for nb in f.get("neighbors", [])])
+    pct = lambda xs: round(100.0 * sum(x.top1 for x in xs) / len(xs), 1) if xs else None
+    return {"Eff": pct(main), "Gen": pct(para), "Spe": pct(nbr), "PPL": round(perplexity(model, tok, text), 3),
+            "n": len(main), "n_para": len(para), "n_nbr": len(nbr)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--facts", required=True)
+    ap.add_argument("--text", default=str(Path(__file__).resolve().parents[1] / "tests/data/fluency-dev.txt"))
+    ap.add_argument("--n", type=int, default=10)
+    ap.add_argument("--offset", type=int, default=0)
+    ap.add_argument("--layers")
+    ap.add_argument("--set", action="append", default=[], help="hyperparameter override k=v")
+    ap.add_argument("--base-metrics", help="JSON file caching the base model's metrics")
+    a = ap.parse_args()
+
+    from zu_cli.config import load_config
+    from zu_cli.console import silent
+    from zu_cli.pipeline import UnlearnOptions, run_unlearn
+
+    facts = [json.loads(l) for l in open(a.facts) if l.strip()][a.offset:a.offset + a.n]
+    text = Path(a.text).read_text()
+    over = {}
+    for kv in a.set:
+        k, v = kv.split("=", 1)
+        over[k] = json.loads(v)
+    hp = load_config(None, **over)
+    with tempfile.TemporaryDirectory() as tmp:
+        req = Path(tmp) / "req.jsonl"
+        req.write_text("".join(json.dumps({k: f[k] for k in ("id", "prompt", "subject", "target")}) + "\n"
+                               for f in facts))
+        t0 = time.perf_counter()
+        res = run_unlearn(UnlearnOptions(model=Path(a.model), forget=req, out=Path(tmp) / "out", layers=a.layers,
+                                         device_map="cpu"), hp, silent())
+        elapsed = time.perf_counter() - t0
+        after = metrics(Path(tmp) / "out", facts, text)
+    key = f"{a.model}:{a.offset}:{a.n}"
+    cache = json.loads(Path(a.base_metrics).read_text()) if a.base_metrics and Path(a.base_metrics).exists() else {}
+    if key not in cache:
+        cache[key] = metrics(Path(a.model), facts, text)
+        if a.base_metrics:
+            Path(a.base_metrics).write_text(json.dumps(cache))
+    base = cache[key]
+    doc = {"n": a.n, "layers": res.layers, "overrides": over, "seconds": round(elapsed, 1), "timings": res.timings,
+           "base": base, "after": after,
+           "Spe_retained": round(after["Spe"] / base["Spe"], 3) if base["Spe"] else None,
+           "PPL_ratio": round(after["PPL"] / base["PPL"], 4),
+           "neutral_top1": sum(r["neutral_rank_after"] == 0 for r in res.requests),
+           "neutral_rank_median": sorted(r["neutral_rank_after"] for r in res.requests)[len(res.requests) // 2],
+           "updates": res.updates}
+    print(json.dumps(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Architectures as data: one YAML file per model family under ``architectures/``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from .errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What zu needs to know about a model family; never guessed from tensor shapes.
+
+    Attributes:
+        name: family name (file stem).
+        model_types: config ``model_type`` values served.
+        architectures: config ``architectures`` class names served.
+        layers: module path template of the decoder layers' container, e.g. ``model.layers``.
+        down_proj: module path of the MLP down-projection relative to a layer, e.g. ``mlp.down_proj``.
+        transposed: True when the weight is stored (d_ff, d_model) as in GPT-2's Conv1D.
+        bias: whether the down-projection carries a bias.
+        num_layers_key: config attribute holding the layer count.
+        final_norm, lm_head, embed: module paths.
+        default_window: relative (start, end) depth of the default edit window, inclusive,
+            as fractions of the layer count; known models may pin layers in ``known``.
+        known: mapping of a model signature ("layers x hidden") to a pinned layer list.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    layers: str
+    down_proj: str
+    transposed: bool
+    bias: bool
+    num_layers_key: str
+    final_norm: str
+    lm_head: str
+    embed: str
+    default_window: tuple[float, float]
+    known: dict[str, tuple[int, ...]]
+
+    def down_proj_module(self, layer: int) -> str:
+        """Module name of layer ``layer``'s down-projection, e.g. ``model.layers.17.mlp.down_proj``."""
+        return f"{self.layers}.{layer}.{self.down_proj}"
+
+    def down_proj_weight(self, layer: int) -> str:
+        """State-dict key of that down-projection's weight."""
+        return self.down_proj_module(layer) + ".weight"
+
+    def layer_module(self, layer: int) -> str:
+        """Module name of decoder layer ``layer``."""
+        return f"{self.layers}.{layer}"
+
+    def default_layers(self, num_layers: int, hidden: int, width: int = 3) -> list[int]:
+        """The default edit window for a model of this family.
+
+        Args:
+            num_layers: number of decoder layers.
+            hidden: model width (part of the known-model signature).
+            width: number of consecutive layers.
+
+        Returns:
+            Layer indices, ascending.
+        """
+        pinned = self.known.get(f"{num_layers}x{hidden}")
+        if pinned:
+            return list(pinned)
+        # Relative depth of the reference's Llama-3.2-3B window (16-18 of 28 layers).
+        start = int(round(self.default_window[0] * num_layers))
+        start = max(0, min(start, num_layers - width))
+        return list(range(start, min(num_layers, start + width)))
+
+
+def _load_all() -> list[ArchSpec]:
+    specs = []
+    for entry in sorted(resources.files("zu_cli.architectures").iterdir(), key=lambda p: p.name):
+        if not entry.name.endswith(".yaml"):
+            continue
+        raw: dict[str, Any] = yaml.safe_load(entry.read_text())
+        specs.append(ArchSpec(
+            name=entry.name[:-5], model_types=tuple(raw["model_types"]), architectures=tuple(raw["architectures"]),
+            layers=raw["layers"], down_proj=raw["down_proj"], transposed=bool(raw.get("transposed", False)),
+            bias=bool(raw.get("bias", False)), num_layers_key=raw["num_layers_key"], final_norm=raw["final_norm"],
+            lm_head=raw["lm_head"], embed=raw["embed"], default_window=tuple(raw["default_window"]),
+            known={k: tuple(v) for k, v in (raw.get("known") or {}).items()}))
+    return specs
+
+
+def supported() -> list[str]:
+    """Names of every supported family."""
+    return [s.name for s in _load_all()]
+
+
+def lookup(config: Any) -> ArchSpec:
+    """Find the ArchSpec for a transformers config.
+
+    Args:
+        config: a ``PretrainedConfig`` (or anything with ``architectures`` / ``model_type``).
+
+    Returns:
+        The matching ArchSpec.
+
+    Raises:
+        CheckpointError: no family serves this architecture (exit 3), naming the supported list.
+    """
+    specs = _load_all()
+    for cls in getattr(config, "architectures", None) or []:
+        for s in specs:
+            if cls in s.architectures:
+                return s
+    model_type = getattr(config, "model_type", None)
+    for s in specs:
+        if model_type in s.model_types:
+            return s
+    raise CheckpointError(
+        f"unsupported architecture {getattr(config, 'architectures', None) or model_type!r}",
+        hint="supported families: " + ", ".join(s.name for s in specs))
+
+
+def num_layers(spec: ArchSpec, config: Any) -> int:
+    """Layer count read from the config key the architecture names."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(cfg, spec.num_layers_key))

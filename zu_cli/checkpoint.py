@@ -1,0 +1,275 @@
+"""Checkpoints in and out: load with an accelerate device map; write edited tensors atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .arch import ArchSpec, lookup
+from .errors import CheckpointError, UsageError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint directory and what zu read from it (no weights).
+
+    Attributes:
+        path: the directory.
+        config: the transformers config.
+        spec: the architecture data.
+        weight_map: tensor name -> shard file name.
+        disk_dtypes: tensor name -> dtype string as stored (e.g. ``BF16``).
+    """
+
+    path: Path
+    config: Any
+    spec: ArchSpec
+    weight_map: dict[str, str]
+    disk_dtypes: dict[str, str]
+
+    def shards(self) -> list[str]:
+        """Distinct shard file names, sorted."""
+        return sorted(set(self.weight_map.values()))
+
+    def read_tensor(self, name: str):
+        """One tensor exactly as stored on disk (no cast).
+
+        Raises:
+            CheckpointError: the tensor is not in the checkpoint.
+        """
+        from safetensors import safe_open
+
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.path}: no tensor {name!r} in the checkpoint")
+        with safe_open(self.path / self.weight_map[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Validate a checkpoint directory and read its config, architecture and tensor index.
+
+    Args:
+        path: a directory with ``config.json`` and safetensors weights (single file or sharded).
+
+    Returns:
+        The Checkpoint.
+
+    Raises:
+        CheckpointError: missing directory/config/shard, unreadable or corrupt file, unsupported
+            architecture (exit 3), with the file named.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path / 'config.json'}: missing", hint="a Hugging Face checkpoint directory has a config.json")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path / 'config.json'}: unreadable config: {str(exc).splitlines()[0]}") from exc
+    spec = lookup(config)
+    if (path / INDEX).is_file():
+        try:
+            shard_of = json.loads((path / INDEX).read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path / INDEX}: corrupt index ({exc})") from exc
+        files = sorted(set(shard_of.values()))
+    elif (path / SINGLE).is_file():
+        files = [SINGLE]
+    else:
+        raise CheckpointError(f"{path}: no {SINGLE} or {INDEX}",
+                              hint="zu reads and writes safetensors checkpoints; convert .bin weights first")
+    weight_map, disk_dtypes = {}, {}
+    for fname in files:
+        fpath = path / fname
+        if not fpath.is_file():
+            raise CheckpointError(f"{fpath}: shard listed in the index is missing")
+        try:
+            with safe_open(fpath, framework="pt") as f:
+                for name in f.keys():
+                    weight_map[name] = fname
+                    disk_dtypes[name] = f.get_slice(name).get_dtype()
+        except Exception as exc:  # safetensors raises several types for a corrupt or truncated header
+            raise CheckpointError(f"{fpath}: corrupt safetensors file ({str(exc).splitlines()[0]})") from exc
+    return Checkpoint(path=path, config=config, spec=spec, weight_map=weight_map, disk_dtypes=disk_dtypes)
+
+
+def parse_max_memory(text: str | None) -> dict[Any, str] | None:
+    """``"0=20GiB,cpu=60GiB"`` -> ``{0: "20GiB", "cpu": "60GiB"}``.
+
+    Raises:
+        UsageError: malformed text (exit 2).
+    """
+    if not text:
+        return None
+    out: dict[Any, str] = {}
+    for part in text.split(","):
+        key, sep, val = part.strip().partition("=")
+        if not sep or not key or not val:
+            raise UsageError(f"--max-memory: cannot parse {part!r}", hint='use e.g. "0=20GiB,cpu=60GiB"')
+        out[int(key) if key.isdigit() else key] = val
+    return out
+
+
+def resolve_device_map(value: str) -> Any:
+    """The ``device_map`` argument for ``from_pretrained`` from the ``--device-map`` option.
+
+    Raises:
+        UsageError: unknown value or unreadable JSON file (exit 2).
+    """
+    if value in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return value
+    if value == "cpu":
+        return {"": "cpu"}
+    if value in ("cuda", "gpu", "accelerator"):
+        return {"": 0}  # accelerate reads an integer as the accelerator's index
+    if value.endswith(".json"):
+        try:
+            return json.loads(Path(value).read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--device-map {value}: cannot read device map JSON ({exc})") from exc
+    raise UsageError(f"--device-map: unknown value {value!r}", hint="auto, cpu, cuda, balanced or a FILE.json")
+
+
+def compute_dtype(value: str, device_map: Any):
+    """The torch dtype to compute in. ``auto``: float32 on CPU (bf16 matmuls are slow and coarse there),
+    the accelerator's usual bfloat16 otherwise."""
+    import torch
+
+    if value not in DTYPES:
+        raise UsageError(f"--dtype: unknown value {value!r}", hint="one of " + ", ".join(DTYPES))
+    if value != "auto":
+        return getattr(torch, value)
+    on_cpu = device_map == {"": "cpu"} or not torch.accelerator.is_available()
+    return torch.float32 if on_cpu else torch.bfloat16
+
+
+def load_model(ckpt: Checkpoint, device_map: str = "auto", max_memory: str | None = None,
+               offload_dir: str | None = None, dtype: str = "auto"):
+    """Load model and tokenizer for computing, placed by accelerate.
+
+    Args:
+        ckpt: an opened Checkpoint.
+        device_map: ``auto|cpu|cuda|balanced|FILE.json``.
+        max_memory: e.g. ``"0=20GiB,cpu=60GiB"``.
+        offload_dir: folder for weights offloaded to disk.
+        dtype: compute dtype.
+
+    Returns:
+        (model in eval mode with gradients off, tokenizer).
+
+    Raises:
+        CheckpointError: transformers could not load the weights or tokenizer (exit 3).
+        UsageError: bad option values (exit 2).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dm = resolve_device_map(device_map)
+    kwargs: dict[str, Any] = {"dtype": compute_dtype(dtype, dm), "device_map": dm}
+    mm = parse_max_memory(max_memory)
+    if mm:
+        kwargs["max_memory"] = mm
+    if offload_dir:
+        kwargs["offload_folder"] = offload_dir
+    try:
+        tok = AutoTokenizer.from_pretrained(ckpt.path)
+    except Exception as exc:
+        raise CheckpointError(f"{ckpt.path}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ckpt.path, **kwargs)
+    except Exception as exc:
+        raise CheckpointError(f"{ckpt.path}: cannot load the model ({str(exc).splitlines()[0]})") from exc
+    model.eval()
+    model.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def write_checkpoint(ckpt: Checkpoint, out: str | Path, edited: dict[str, Any], force: bool = False,
+                     finalize: Callable[[Path], None] | None = None) -> Path:
+    """Write ``ckpt`` with ``edited`` tensors replaced, atomically (design §3).
+
+    Shards without an edited tensor are copied byte for byte; edited shards are rewritten with
+    every tensor's name, dtype and shape and the shard metadata kept; edited tensors are cast to
+    the dtype stored on disk. Everything else in the directory is carried over. The output is
+    built in a temporary sibling and renamed into place.
+
+    Args:
+        ckpt: the source checkpoint (never modified).
+        out: output directory.
+        edited: tensor name -> new value (any float dtype, any device).
+        force: replace an existing ``out``.
+        finalize: called with the temporary directory once every weight file is in it, before the
+            rename (writes the manifest, which digests the files).
+
+    Returns:
+        The output path.
+
+    Raises:
+        UsageError: ``out`` exists without ``force``, or is the input (exit 2).
+        CheckpointError: an edited tensor is unknown or has the wrong shape (exit 3).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.resolve() == ckpt.path.resolve() or ckpt.path.resolve() in out.resolve().parents:
+        raise UsageError(f"--out {out}: must not be the input checkpoint or inside it")
+    if out.exists() and not force:
+        raise UsageError(f"--out {out}: already exists", hint="choose another path or pass --force to replace it")
+    by_shard: dict[str, dict[str, Any]] = {}
+    for name, tensor in edited.items():
+        if name not in ckpt.weight_map:
+            raise CheckpointError(f"{ckpt.path}: edited tensor {name!r} is not in the checkpoint")
+        by_shard.setdefault(ckpt.weight_map[name], {})[name] = tensor
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.zu-tmp-", dir=out.parent))
+    try:
+        for src in sorted(ckpt.path.rglob("*")):
+            rel = src.relative_to(ckpt.path)
+            dst = tmp / rel
+            if src.is_dir():
+                dst.mkdir(parents=True, exist_ok=True)
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if str(rel) not in by_shard:
+                shutil.copyfile(src, dst)
+                continue
+            with safe_open(src, framework="pt") as f:
+                meta = f.metadata()
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            for name, new in by_shard[str(rel)].items():
+                old = tensors[name]
+                if tuple(new.shape) != tuple(old.shape):
+                    raise CheckpointError(f"{src}: edited tensor {name!r} has shape {tuple(new.shape)}, "
+                                          f"stored {tuple(old.shape)}")
+                tensors[name] = new.detach().to(device="cpu", dtype=old.dtype).contiguous()
+            save_file(tensors, dst, metadata=meta)
+        if finalize is not None:
+            finalize(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.zu-old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,96 @@
+"""Hyperparameters: one frozen dataclass, reference defaults (design §2), YAML overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import InputFileError
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Every knob of the closed-form edit; defaults follow the reference unless noted.
+
+    Context templates (§2.2): ``n_prefixes`` model-generated prefixes of ``prefix_len`` tokens.
+    Neutral target (§2.3): Adam for ``z_steps`` at ``z_lr``; the delta norm is clamped to
+    ``z_clamp`` times the hidden state's norm; ``z_kl`` weights the KL term on "{subject} is a";
+    ``z_weight_decay`` the delta's squared norm; stop early once the neutral target's mean
+    probability reaches ``z_stop_prob``.
+    Sensitive vectors (§2.4): the same optimiser pushes toward the true target for
+    ``sens_steps``; ``epsilon`` of the projector P = (1+eps) I - V V^T.
+    Closed form (§2.7): ``lambda_g``, ``lambda_f``, ``lambda_r``.
+    Statistics (§2.6): ``stats_samples`` texts of ``stats_len`` tokens sampled from the model
+    when no corpus is given (``stats_max_tokens`` caps any corpus).
+    Guards: ``max_rel_change`` bounds ||dW||/||W|| per layer, ``max_cond`` the condition number.
+    ``rounding``: how an edited tensor is cast back to a low-precision checkpoint dtype.
+    """
+
+    n_prefixes: int = 5
+    prefix_len: int = 10
+    z_steps: int = 25
+    z_lr: float = 0.1
+    z_clamp: float = 0.75
+    z_kl: float = 0.0625
+    z_weight_decay: float = 0.5
+    z_stop_prob: float = 0.95
+    sens_steps: int = 25
+    epsilon: float = 0.01
+    lambda_g: float = 15000.0
+    lambda_f: float = 50.0
+    lambda_r: float = 1.0
+    stats_samples: int = 200
+    stats_len: int = 64
+    stats_max_tokens: int = 100_000
+    max_rel_change: float = 0.5
+    max_cond: float = 1e12
+    rounding: str = "stochastic"
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved values, for the manifest."""
+        return dataclasses.asdict(self)
+
+
+def load_config(path: Path | None, **overrides: Any) -> Hyper:
+    """Read ``--config`` YAML (a flat mapping of Hyper fields) and apply CLI overrides.
+
+    Args:
+        path: YAML file or None for the defaults.
+        overrides: values from the command line; None entries are ignored.
+
+    Returns:
+        The resolved Hyper.
+
+    Raises:
+        InputFileError: unreadable/malformed YAML, an unknown key or a value of the wrong type (exit 2).
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise InputFileError(f"{path}: cannot read config: {str(exc).splitlines()[0]}") from exc
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise InputFileError(f"{path}: config must be a mapping of hyperparameter names to values")
+        values.update(raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    fields = {f.name: f for f in dataclasses.fields(Hyper)}
+    for key, val in values.items():
+        if key not in fields:
+            raise InputFileError(f"{path or 'config'}: unknown key {key!r}",
+                                 hint="known keys: " + ", ".join(sorted(fields)))
+        want = type(getattr(Hyper(), key))
+        if want is float and isinstance(val, int) and not isinstance(val, bool):
+            values[key] = float(val)
+        elif not isinstance(val, want) or (want is int and isinstance(val, bool)):
+            raise InputFileError(f"{path or 'config'}: field {key!r} must be {want.__name__}, got {val!r}")
+    if values.get("rounding", "stochastic") not in ("stochastic", "nearest"):
+        raise InputFileError(f"{path or 'config'}: field 'rounding' must be 'stochastic' or 'nearest'")
+    return Hyper(**values)

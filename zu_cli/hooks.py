@@ -1,0 +1,114 @@
+"""Forward hooks as context managers (after ROME's nethook): capture, edit, stop early; always removed."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterable
+
+import torch
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass once the traced module has run."""
+
+
+def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The submodule called ``name``.
+
+    Raises:
+        LookupError: no such module (an ArchSpec that does not fit the model).
+    """
+    try:
+        return model.get_submodule(name)
+    except AttributeError as exc:
+        raise LookupError(f"model has no module {name!r}") from exc
+
+
+def _first(x: Any) -> torch.Tensor:
+    return x[0] if isinstance(x, tuple) else x
+
+
+class Trace(contextlib.AbstractContextManager):
+    """Trace one module during the forward passes inside the ``with`` block.
+
+    Args:
+        model: the model.
+        name: module name, e.g. ``model.layers.3.mlp.down_proj``.
+        retain_input: keep the module's first positional input in ``.input``.
+        retain_output: keep its output (first element of a tuple) in ``.output``.
+        edit_output: ``f(output, name, input) -> output`` applied to the module's output tensor
+            (``input`` is the module's first positional input).
+        stop: raise StopForward after this module ran (caught when the block exits).
+        detach: detach retained tensors (no graph kept).
+    """
+
+    def __init__(self, model: torch.nn.Module, name: str, retain_input: bool = False, retain_output: bool = True,
+                 edit_output: Callable[[torch.Tensor, str, torch.Tensor], torch.Tensor] | None = None,
+                 stop: bool = False, detach: bool = True):
+        self.name = name
+        self.input: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+        module = get_module(model, name)
+
+        def hook(mod, args, out):
+            if retain_input:
+                inp = args[0] if args else None
+                self.input = inp.detach() if detach and inp is not None else inp
+            if edit_output is not None:
+                inp = args[0] if args else None
+                if isinstance(out, tuple):
+                    out = (edit_output(out[0], name, inp),) + tuple(out[1:])
+                else:
+                    out = edit_output(out, name, inp)
+            if retain_output:
+                o = _first(out)
+                self.output = o.detach() if detach else o
+            if stop:
+                raise StopForward()
+            return out
+
+        self._handle = module.register_forward_hook(hook)
+
+    def close(self) -> None:
+        """Remove the hook (idempotent)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return exc_type is StopForward
+
+
+class TraceDict(dict, contextlib.AbstractContextManager):
+    """Trace several modules at once: ``td[name]`` is that module's Trace.
+
+    Args:
+        model: the model.
+        names: module names.
+        stop: stop the forward pass after the last of ``names`` (in the order given) ran.
+        Other arguments as for Trace, applied to every module.
+    """
+
+    def __init__(self, model: torch.nn.Module, names: Iterable[str], retain_input: bool = False,
+                 retain_output: bool = True,
+                 edit_output: Callable[[torch.Tensor, str, torch.Tensor], torch.Tensor] | None = None,
+                 stop: bool = False, detach: bool = True):
+        super().__init__()
+        names = list(names)
+        try:
+            for i, n in enumerate(names):
+                self[n] = Trace(model, n, retain_input, retain_output, edit_output,
+                                stop=stop and i == len(names) - 1, detach=detach)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Remove every hook."""
+        for t in self.values():
+            t.close()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return exc_type is StopForward

@@ -1,0 +1,97 @@
+"""Edit manifest (design §3): an in-toto Statement v1 recording what was changed; request commitments."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+MANIFEST = "zu-manifest.json"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://zu.dev/unlearn/v1"
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Canonical JSON bytes: sorted keys, no insignificant whitespace, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_tensor(t) -> str:
+    """Hex sha256 of a tensor's raw bytes (contiguous, on CPU, in its own dtype)."""
+    import torch
+
+    data = t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def dir_digests(root: Path, skip: set[str] = frozenset()) -> dict[str, str]:
+    """relative path -> sha256 for every file under ``root`` (sorted)."""
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and str(p.relative_to(root)) not in skip}
+
+
+def commitments(requests: list, salt: bytes) -> dict[str, str]:
+    """Request id -> HMAC-SHA256(salt, canonical request): proves membership without revealing it."""
+    return {r.id: hmac.new(salt, canonical_json(r.canonical()), hashlib.sha256).hexdigest() for r in requests}
+
+
+def new_salt() -> bytes:
+    """32 random bytes for one run's commitments."""
+    return os.urandom(32)
+
+
+def versions() -> dict[str, str]:
+    """Versions that shaped the edit."""
+    import torch
+    import transformers
+
+    return {"zu": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def statement(out_dir: Path, predicate: dict[str, Any]) -> dict[str, Any]:
+    """The in-toto Statement over every file in ``out_dir`` (the manifest itself excluded)."""
+    subject = [{"name": name, "digest": {"sha256": digest}}
+               for name, digest in dir_digests(out_dir, skip={MANIFEST}).items()]
+    return {"_type": STATEMENT_TYPE, "subject": subject, "predicateType": PREDICATE_TYPE, "predicate": predicate}
+
+
+def write_manifest(out_dir: Path, predicate: dict[str, Any]) -> dict[str, Any]:
+    """Write ``zu-manifest.json`` (canonical JSON) into ``out_dir``.
+
+    Returns:
+        The statement written.
+    """
+    stmt = statement(out_dir, predicate)
+    (out_dir / MANIFEST).write_bytes(canonical_json(stmt) + b"\n")
+    return stmt
+
+
+def write_receipt(path: Path, salt: bytes, commits: dict[str, str]) -> None:
+    """The operator's receipt: the salt and id -> commitment, kept outside the checkpoint (mode 0600)."""
+    body = {"salt": salt.hex(), "commitments": commits, "algorithm": "HMAC-SHA256(salt, canonical request JSON)"}
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(canonical_json(body) + b"\n")
+    os.replace(tmp, path)
+
+
+def sha256_file_list(digests: dict[str, str]) -> str:
+    """One digest naming a whole set of files (for cache keys): sha256 of the canonical mapping."""
+    return hashlib.sha256(canonical_json(digests)).hexdigest()

@@ -1,0 +1,122 @@
+"""Pure tensor math of the closed-form edit (design §2.4, §2.7); no model, no I/O.
+
+Shapes: d = d_model, f = d_ff, n = number of forget requests. W is (d, f) in the
+"output = W @ key" orientation whatever the checkpoint's storage layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import NumericalError
+
+
+def projector(sensitive: torch.Tensor, epsilon: float, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """P = (1 + eps) I - V V^T, V spanning the sensitive output vectors.
+
+    Args:
+        sensitive: M_f, (n, d): one sensitive down-projection output per row.
+        epsilon: the reference's 0.01; keeps P well conditioned.
+        rtol: singular values below rtol * the largest are treated as zero (rank deficiency).
+
+    Returns:
+        (P (d, d), V (d, r)), float64.
+    """
+    m = sensitive.to(torch.float64)
+    # M_f^T = U S V^T in the design's notation; here rows are vectors, so the directions are M's right singular vectors.
+    _, s, vh = torch.linalg.svd(m, full_matrices=False)  # vh: (min(n, d), d)
+    keep = s > rtol * s.max().clamp_min(1e-300)
+    v = vh[keep].T  # (d, r)
+    eye = torch.eye(m.shape[1], dtype=torch.float64, device=m.device)
+    return (1.0 + epsilon) * eye - v @ v.T, v
+
+
+@dataclass(frozen=True)
+class SolveReport:
+    """Diagnostics of one closed-form solve."""
+
+    cond: float
+    rel_change: float
+    residual: float
+
+
+def closed_form(w: torch.Tensor, g: torch.Tensor, v_f: torch.Tensor, t: torch.Tensor, p: torch.Tensor,
+                lambda_g: float, lambda_f: float, lambda_r: float, max_cond: float = 1e12,
+                max_rel_change: float = 0.5) -> tuple[torch.Tensor, SolveReport]:
+    """Multiplicative update D minimising
+    lambda_g E||D W k - P W k||^2 + lambda_f sum ||D v_f - P t_f||^2 + lambda_r ||D W - P W||_F^2.
+
+    Normal equations: D B = A with A = P (lambda_g G + lambda_f T V_f^T + lambda_r W W^T),
+    B = lambda_g G + lambda_f V_f V_f^T + lambda_r W W^T (symmetric), solved in float64.
+
+    Args:
+        w: W (d, f).
+        g: G = E[v v^T] (d, d) over general text (v = W k, bias removed).
+        v_f: (d, n), W K_f: the forget keys' current outputs.
+        t: (d, n), targets for those outputs.
+        p: (d, d) projector.
+        lambda_g, lambda_f, lambda_r: weights of the three terms.
+        max_cond: largest acceptable condition number of B.
+        max_rel_change: largest acceptable ||D W - W|| / ||W||.
+
+    Returns:
+        (D (d, d) float64, SolveReport).
+
+    Raises:
+        NumericalError: NaN/Inf, B too ill-conditioned, or a relative change above the bound (exit 5).
+    """
+    w64, g64, vf, t64, p64 = (x.to(torch.float64) for x in (w, g, v_f, t, p))
+    wwt = w64 @ w64.T  # (d, d)
+    b = lambda_g * g64 + lambda_f * vf @ vf.T + lambda_r * wwt
+    a = p64 @ (lambda_g * g64 + lambda_f * t64 @ vf.T + lambda_r * wwt)
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise NumericalError("non-finite values in the normal equations", hint="check the statistics and the model's weights")
+    cond = float(torch.linalg.cond(b))
+    if not cond < max_cond:
+        raise NumericalError(f"normal equations ill-conditioned (condition number {cond:.3g} > {max_cond:.3g})",
+                             hint="raise lambda_r or collect statistics over more text")
+    d = torch.linalg.solve(b, a.T).T  # D B = A  <=>  B^T D^T = A^T, and B is symmetric
+    if not torch.isfinite(d).all():
+        raise NumericalError("the solve produced non-finite values")
+    new_w = d @ w64
+    rel = float(torch.linalg.norm(new_w - w64) / torch.linalg.norm(w64))
+    if rel > max_rel_change:
+        raise NumericalError(f"edit would change the weight by {rel:.1%} (bound {max_rel_change:.0%})",
+                             hint="fewer requests per run, or raise max_rel_change in --config")
+    residual = float(torch.linalg.norm(d @ b - a) / torch.linalg.norm(a).clamp_min(1e-300))
+    return d, SolveReport(cond=cond, rel_change=rel, residual=residual)
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Round float values to a lower-precision float dtype without bias.
+
+    Round-to-nearest silently undoes weight changes smaller than half a unit in the last place
+    (bf16 keeps 8 significant bits), which erases most of a small rank-n edit; rounding up or
+    down with probability proportional to the distance keeps the edit in expectation.
+
+    Args:
+        x: values (any float dtype).
+        dtype: target dtype (bfloat16 or float16); other dtypes are a plain cast.
+        generator: for reproducible rounding.
+
+    Returns:
+        Tensor of ``dtype``.
+    """
+    x32 = x.to(torch.float32).contiguous()
+    if dtype == torch.bfloat16:
+        # bf16 is the top half of a float32: add uniform noise below the kept bits, then truncate.
+        noise = torch.randint(0, 1 << 16, x32.shape, generator=generator, dtype=torch.int32, device=x32.device)
+        bits = (x32.view(torch.int32) + noise) & -65536  # -65536 == 0xFFFF0000 as int32
+        return bits.view(torch.float32).to(torch.bfloat16)
+    if dtype == torch.float16:
+        near = x32.to(torch.float16)
+        near32 = near.to(torch.float32)
+        other = torch.nextafter(near, torch.where(x32 > near32, torch.tensor(float("inf")),
+                                                  torch.tensor(float("-inf"))).to(torch.float16))
+        gap = (other.to(torch.float32) - near32).abs()
+        frac = torch.where(gap > 0, (x32 - near32).abs() / gap, torch.zeros_like(x32))
+        u = torch.rand(x32.shape, generator=generator, device=x32.device)
+        return torch.where(u < frac, other, near)
+    return x.to(dtype)

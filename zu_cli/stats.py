@@ -1,0 +1,147 @@
+"""General-knowledge statistics (design §2.6): G = E[v v^T] per edited layer, one pass, cached."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .console import Output
+from .errors import InputFileError
+from .hooks import TraceDict
+from .text import input_device, left_pad, sample
+
+SEED_WORDS = ["The", "In", "A", "It", "He", "She", "They", "This", "We", "When", "After", "Many"]
+
+
+def cache_dir() -> Path:
+    """``ZU_CACHE_DIR`` or ``~/.cache/zu``."""
+    return Path(os.environ.get("ZU_CACHE_DIR") or Path.home() / ".cache" / "zu")
+
+
+def read_corpus(path: str | Path) -> tuple[list[str], str]:
+    """Texts of a corpus file (.txt: one text per blank-line separated paragraph; .jsonl: a ``text``
+    field per line) or of a folder of such files.
+
+    Returns:
+        (texts, sha256 digest of the contents).
+
+    Raises:
+        InputFileError: missing, unreadable or empty corpus, or a jsonl line without ``text`` (exit 2).
+    """
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise InputFileError(f"{path}: stats corpus not found (a .txt/.jsonl file or a folder of them)")
+    texts, h = [], hashlib.sha256()
+    for f in files:
+        try:
+            raw = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputFileError(f"{f}: cannot read stats corpus ({exc})") from exc
+        h.update(raw.encode())
+        if f.suffix == ".jsonl":
+            for n, line in enumerate(raw.splitlines(), 1):
+                if line.strip():
+                    try:
+                        texts.append(json.loads(line)["text"])
+                    except (ValueError, KeyError, TypeError) as exc:
+                        raise InputFileError(f"{f}:{n}: field 'text': missing or malformed line") from exc
+        else:
+            texts.extend(p.strip() for p in raw.split("\n\n") if p.strip())
+    if not texts:
+        raise InputFileError(f"{path}: stats corpus is empty")
+    return texts, h.hexdigest()
+
+
+def corpus_tokens(model, tok, corpus: str | None, n_samples: int, length: int, max_tokens: int,
+                  seed: int) -> tuple[list[list[int]], str]:
+    """Token sequences for the statistics and a digest naming them.
+
+    Without a corpus, text is sampled from the model itself (deterministic for ``seed``), so no
+    download is needed; with one, texts are cut into ``length``-token chunks up to ``max_tokens``.
+    """
+    if corpus is None:
+        gen = torch.Generator().manual_seed(seed)
+        seeds = [SEED_WORDS[i % len(SEED_WORDS)] for i in range(n_samples)]
+        digest = hashlib.sha256(f"model-samples:{n_samples}x{length}:seed{seed}".encode()).hexdigest()
+        return sample(model, tok, seeds, length, gen), digest
+    texts, digest = read_corpus(corpus)
+    seqs, total = [], 0
+    for t in texts:
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        for i in range(0, len(ids) - 1, length):
+            chunk = ids[i:i + length]
+            if len(chunk) > 1 and total < max_tokens:
+                seqs.append(chunk)
+                total += len(chunk)
+    return seqs, hashlib.sha256(f"{digest}:{length}:{max_tokens}".encode()).hexdigest()
+
+
+@torch.no_grad()
+def second_moments(model, seqs: list[list[int]], modules: list[str], biases: dict[str, torch.Tensor | None],
+                   pad_id: int, out: Output, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """G = E[v v^T] of each module's output v (bias removed), over every real token, in one pass.
+
+    Args:
+        model: the causal LM.
+        seqs: token sequences.
+        modules: down-projection module names, ascending depth (the pass stops after the last).
+        biases: module name -> its bias (subtracted from v) or None.
+        pad_id: padding id.
+        out: progress output.
+        batch_size: sequences per forward pass.
+
+    Returns:
+        module name -> G (d_model, d_model) float64 on CPU.
+    """
+    dev = input_device(model)
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    with out.progress("statistics", len(seqs)) as advance:
+        for b in range(0, len(seqs), batch_size):
+            chunk = seqs[b:b + batch_size]
+            batch = left_pad(chunk, pad_id, dev)
+            with TraceDict(model, modules, stop=True) as td:
+                model(**batch.kwargs())
+            real = batch.mask.bool().cpu()
+            for name in modules:
+                v = td[name].output.to(device="cpu", dtype=torch.float64)[real]  # (tokens, d)
+                if biases.get(name) is not None:
+                    v = v - biases[name].to(torch.float64).cpu()
+                sums[name] = sums.get(name, 0) + v.T @ v
+            count += int(real.sum())
+            advance(len(chunk))
+    return {k: s / count for k, s in sums.items()}
+
+
+def stats_key(source_digest: str, module: str, corpus_digest: str) -> str:
+    """Cache key: the source weights' digest, the module, the corpus and its settings."""
+    return hashlib.sha256(f"v1:{source_digest}:{module}:{corpus_digest}".encode()).hexdigest()[:32]
+
+
+def load_cached(key: str) -> torch.Tensor | None:
+    """A cached G or None."""
+    from safetensors.torch import load_file
+
+    f = cache_dir() / "stats" / f"{key}.safetensors"
+    if not f.is_file():
+        return None
+    try:
+        return load_file(f)["G"]
+    except Exception:  # a damaged cache entry is recomputed, not fatal
+        return None
+
+
+def store_cached(key: str, g: torch.Tensor) -> None:
+    """Write G to the cache atomically."""
+    from safetensors.torch import save_file
+
+    d = cache_dir() / "stats"
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{key}.{os.getpid()}.tmp"
+    save_file({"G": g.contiguous()}, tmp)
+    os.replace(tmp, d / f"{key}.safetensors")

@@ -1,0 +1,100 @@
+"""Batching and sampling helpers shared by the stages that run the model on text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Device to put input ids on (accelerate's hooks move activations between devices after that)."""
+    dev = model.get_input_embeddings().weight.device
+    return torch.device("cpu") if dev.type == "meta" else dev
+
+
+@dataclass
+class Batch:
+    """Left-padded token batch.
+
+    Attributes:
+        ids, mask, pos: (B, S) input ids, attention mask, position ids (0 at each row's first real token).
+        offset: (B,) number of pad tokens on the left of each row (add to an unpadded index).
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    pos: torch.Tensor
+    offset: torch.Tensor
+
+    def kwargs(self) -> dict:
+        """Arguments for ``model(**batch.kwargs())``."""
+        return {"input_ids": self.ids, "attention_mask": self.mask, "position_ids": self.pos}
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> Batch:
+    """Left-pad token lists so every row ends at the last column (where the next token is predicted).
+
+    Args:
+        seqs: token id lists (non-empty).
+        pad_id: padding id.
+        device: where the tensors go.
+    """
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, n - len(s):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    offset = torch.tensor([n - len(s) for s in seqs], dtype=torch.long)
+    return Batch(ids.to(device), mask.to(device), pos.to(device), offset.to(device))
+
+
+def encode(tok, text: str) -> list[int]:
+    """Token ids of ``text`` as the model sees a prompt (the tokenizer's own special tokens)."""
+    return tok(text)["input_ids"]
+
+
+def encode_target(tok, text: str) -> list[int]:
+    """Token ids of an answer continuing a prompt: ``" " + text``, no special tokens (ROME convention)."""
+    return tok(" " + text.lstrip(), add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int, generator: torch.Generator,
+           top_k: int = 5) -> list[list[int]]:
+    """Sample continuations of ``seeds`` with top-k sampling, deterministic for a given generator.
+
+    Args:
+        model: the causal LM.
+        tok: its tokenizer.
+        seeds: one prompt per sample.
+        n_tokens: tokens to generate per sample.
+        generator: CPU generator (seeded by the caller).
+        top_k: sample among the k most likely tokens.
+
+    Returns:
+        For each seed, its prompt ids followed by the generated ids.
+    """
+    dev = input_device(model)
+    enc = [encode(tok, s) for s in seeds]
+    batch = left_pad(enc, tok.pad_token_id, dev)
+    mask, pos = batch.mask, batch.pos
+    out = model(**batch.kwargs(), use_cache=True, logits_to_keep=1)
+    new = []
+    for step in range(n_tokens):
+        logits = out.logits[:, -1].float().cpu()  # (B, vocab)
+        top = logits.topk(top_k, dim=-1)
+        pick = torch.multinomial(top.values.softmax(-1), 1, generator=generator)  # (B, 1)
+        nxt = top.indices.gather(-1, pick)
+        new.append(nxt)
+        if step == n_tokens - 1:
+            break
+        nxt = nxt.to(dev)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values,
+                    use_cache=True, logits_to_keep=1)
+    gen = torch.cat(new, dim=1).tolist()
+    return [e + g for e, g in zip(enc, gen)]
