@@ -22,7 +22,11 @@ class Hyper:
     ``z_weight_decay`` the delta's squared norm; stop early once the neutral target's mean
     probability reaches ``z_stop_prob``.
     Sensitive vectors (§2.4): the same optimiser pushes toward the true target for
-    ``sens_steps``; ``epsilon`` of the projector P = (1+eps) I - V V^T.
+    ``sens_steps``; ``sensitive`` picks the vectors whose span P removes: ``pushed`` (the output
+    plus the push, reference), ``delta`` (the push alone: the answer's direction) or ``output``
+    (the output alone, no optimisation);
+    ``epsilon`` of the projector P = (1+eps) I - V V^T; ``project_general`` maps general keys to
+    P W k (reference) rather than leaving them at W k.
     Closed form (§2.7): ``lambda_g``, ``lambda_f``, ``lambda_r``.
     Statistics (§2.6): ``stats_samples`` texts of ``stats_len`` tokens sampled from the model
     when no corpus is given (``stats_max_tokens`` caps any corpus).
@@ -39,6 +43,8 @@ class Hyper:
     z_weight_decay: float = 0.5
     z_stop_prob: float = 0.95
     sens_steps: int = 25
+    sensitive: str = "pushed"
+    project_general: bool = True
     epsilon: float = 0.01
     lambda_g: float = 15000.0
     lambda_f: float = 50.0
@@ -91,6 +97,7 @@ def load_config(path: Path | None, **overrides: Any) -> Hyper:
             values[key] = float(val)
         elif not isinstance(val, want) or (want is int and isinstance(val, bool)):
             raise InputFileError(f"{path or 'config'}: field {key!r} must be {want.__name__}, got {val!r}")
-    if values.get("rounding", "stochastic") not in ("stochastic", "nearest"):
-        raise InputFileError(f"{path or 'config'}: field 'rounding' must be 'stochastic' or 'nearest'")
+    for key, allowed in (("rounding", ("stochastic", "nearest")), ("sensitive", ("pushed", "delta", "output"))):
+        if key in values and values[key] not in allowed:
+            raise InputFileError(f"{path or 'config'}: field {key!r} must be one of {', '.join(allowed)}")
     return Hyper(**values)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .arch import ArchSpec
 from .config import Hyper
 from .console import Output
-from .hooks import TraceDict
+from .hooks import Trace, TraceDict, replay_below
 from .requests import Request
 from .text import encode, encode_target, input_device, left_pad, sample
 
@@ -123,8 +123,9 @@ def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs: bool 
     return res
 
 
-def optimize_deltas(model, tok, rows: Rows, kl: Rows | None, modules: list[str], n: int, hp: Hyper, steps: int,
-                    stop_prob: float, out: Output, label: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, modules: list[str], start: int, n: int,
+                    hp: Hyper, steps: int, stop_prob: float, out: Output,
+                    label: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Find one additive vector per (request, module) at the lookup token that makes the model emit
     each row's target (reference compute_z, batched over all requests).
 
@@ -132,6 +133,8 @@ def optimize_deltas(model, tok, rows: Rows, kl: Rows | None, modules: list[str],
         rows: prompt rows with targets (their last len(target)-1 tokens appended).
         kl: "{subject} is a" rows whose next-token distribution should not move, or None.
         modules: modules whose output gets the vector (a decoder layer, or down-projections).
+        start: index of the lowest decoder layer among ``modules``; layers below it are run once
+            and replayed in the optimisation steps (their output cannot change).
         n: number of requests.
         hp: hyperparameters (lr, clamp, KL weight, weight decay).
         steps: Adam steps.
@@ -171,9 +174,12 @@ def optimize_deltas(model, tok, rows: Rows, kl: Rows | None, modules: list[str],
     kl_ref = None
     prob = 0.0
     with TraceDict(model, modules, retain_output=False, edit_output=add_delta, detach=False):
-        with torch.no_grad():
+        with torch.no_grad(), Trace(model, spec.layer_module(start), retain_input=True) as first:
             delta = torch.zeros(n, len(modules), 1, device=dev)  # broadcasts on the first pass
-            logits0 = model(**batch.kwargs(), logits_to_keep=keep).logits.float()
+            logits0 = model(**batch.kwargs(), logits_to_keep=keep, use_cache=False).logits.float()
+        # Replaying the lower layers is exact only when a decoder layer returns a plain tensor.
+        replay = replay_below(model, spec.layers, start, first.input) if first.plain_output and start > 0 \
+            else contextlib.nullcontext()
         dim = base[0].shape[-1]
         own = owner[:n_main]
         hnorm = torch.zeros(n, len(modules), device=dev)
@@ -183,18 +189,23 @@ def optimize_deltas(model, tok, rows: Rows, kl: Rows | None, modules: list[str],
             hnorm[:, i] = (s / torch.bincount(own, minlength=n).clamp_min(1)[:, None]).norm(dim=-1)
         if n_main < len(allrows.seqs):
             kl_ref = logits0[n_main:, -1].log_softmax(-1).detach()
-        delta = torch.zeros(n, len(modules), dim, device=dev, requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=hp.z_lr)
+        # Adam moves each coordinate by about lr per step whatever the scale, so the delta is
+        # parametrised in units of the hidden state's RMS: the reference's lr then means the same
+        # on a model whose residual norms are 10 or 1000 (SmolLM2's are in the hundreds).
+        unit = (hnorm / dim ** 0.5).detach()[..., None]  # (n, modules, 1)
+        u = torch.zeros(n, len(modules), dim, device=dev, requires_grad=True)
+        opt = torch.optim.Adam([u], lr=hp.z_lr)
         counts = torch.bincount(tgt_row, minlength=n_main).clamp_min(1).float()
-        with out.progress(label, steps) as advance:
+        with replay, out.progress(label, steps) as advance:
             for _ in range(steps):
                 opt.zero_grad()
-                logits = model(**batch.kwargs(), logits_to_keep=keep).logits.float()
+                delta = u * unit
+                logits = model(**batch.kwargs(), logits_to_keep=keep, use_cache=False).logits.float()
                 logp = logits.log_softmax(-1)
                 tok_lp = logp[tgt_row, tgt_col, tgt_id]  # (target tokens,)
                 row_lp = torch.zeros(n_main, device=dev).index_add_(0, tgt_row, tok_lp) / counts
                 req_lp = torch.zeros(n, device=dev).index_add_(0, own, row_lp) / torch.bincount(own, minlength=n).clamp_min(1)
-                prob = float(req_lp.exp().min())
+                prob = float(req_lp.detach().exp().min())
                 loss = -req_lp.mean()
                 if kl_ref is not None:
                     cur = logp[n_main:, -1]
@@ -207,8 +218,9 @@ def optimize_deltas(model, tok, rows: Rows, kl: Rows | None, modules: list[str],
                 opt.step()
                 with torch.no_grad():  # clamp each delta's norm to a fraction of the hidden state's
                     limit = hp.z_clamp * hnorm
-                    scale = (limit / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
-                    delta.mul_(scale[..., None])
+                    scale = (limit / (u * unit).norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
+                    u.mul_(scale[..., None])
+        delta = u * unit
     base_avg = torch.stack([
         torch.zeros(n, dim, device=dev).index_add_(0, own, base[i][:n_main].float().to(dev))
         / torch.bincount(own, minlength=n).clamp_min(1)[:, None] for i in range(len(modules))], dim=1)
@@ -304,7 +316,7 @@ def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: lis
         t = v_f + (z.to(torch.float64) - h).T / (len(layers) - i)  # spread the residual over the layers left
         p, basis = projector(sensitive[layer], hp.epsilon)
         d, rep = closed_form(w, g[layer], v_f, t, p, hp.lambda_g, hp.lambda_f, hp.lambda_r, hp.max_cond,
-                             hp.max_rel_change)
+                             hp.max_rel_change, hp.project_general)
         new = d @ w
         if hp.rounding == "stochastic":
             new = stochastic_round(new, disk_dtype, gen)

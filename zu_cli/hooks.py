@@ -48,12 +48,14 @@ class Trace(contextlib.AbstractContextManager):
         self.name = name
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
+        self.plain_output = True  # False once the module returned a tuple
         module = get_module(model, name)
 
         def hook(mod, args, out):
             if retain_input:
                 inp = args[0] if args else None
                 self.input = inp.detach() if detach and inp is not None else inp
+            self.plain_output = isinstance(out, torch.Tensor)
             if edit_output is not None:
                 inp = args[0] if args else None
                 if isinstance(out, tuple):
@@ -112,3 +114,39 @@ class TraceDict(dict, contextlib.AbstractContextManager):
     def __exit__(self, exc_type, exc, tb):
         self.close()
         return exc_type is StopForward
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for a decoder layer: the first returns recorded hidden states, the rest pass through."""
+
+    def __init__(self, hidden: torch.Tensor | None):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states if self.hidden is None else self.hidden
+
+
+@contextlib.contextmanager
+def replay_below(model: torch.nn.Module, layers_path: str, start: int, hidden_in: torch.Tensor):
+    """Skip decoder layers ``[0, start)`` by replaying ``hidden_in``, the recorded input of layer ``start``.
+
+    For repeated forward passes that only change things at or above ``start`` (optimising a
+    delta), the lower layers need not run again. Valid only for models whose decoder layers
+    return a plain tensor; the modules are restored on exit.
+
+    Args:
+        model: the model.
+        layers_path: module path of the decoder layers' ModuleList.
+        start: first layer that still runs.
+        hidden_in: (B, S, d) input of layer ``start`` for the batch that will be fed.
+    """
+    stack = get_module(model, layers_path)
+    saved = [stack[i] for i in range(start)]
+    try:
+        for i in range(start):
+            stack[i] = _Replay(hidden_in if i == 0 else None)
+        yield
+    finally:
+        for i, mod in enumerate(saved):
+            stack[i] = mod

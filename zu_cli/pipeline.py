@@ -164,14 +164,20 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     before = probe(model, tok, queries)
     last = spec.layer_module(layers[-1])
     z_rows = edit.build_rows(tok, requests, templates, targets_neutral)
-    delta, h, z_prob = edit.optimize_deltas(model, tok, z_rows, edit.kl_rows(tok, requests), [last], n, hp, hp.z_steps,
+    delta, h, z_prob = edit.optimize_deltas(model, tok, spec, z_rows, edit.kl_rows(tok, requests), [last], layers[-1], n,
+                                            hp, hp.z_steps,
                                             hp.z_stop_prob, out, "neutral targets")
     z = (h + delta)[:, 0]  # (n, d)
     true_rows = edit.build_rows(tok, requests, templates, [edit.encode_target(tok, r.target) for r in requests])
     mods = [spec.down_proj_module(l) for l in layers]
-    sdelta, sbase, _ = edit.optimize_deltas(model, tok, true_rows, None, mods, n, hp, hp.sens_steps, 1.1, out,
-                                            "sensitive directions")
-    sensitive = {l: (sbase + sdelta)[:, i] for i, l in enumerate(layers)}
+    if hp.sensitive == "output":
+        base_out = edit.outputs_at(model, tok, true_rows, mods, n)
+        sensitive = {l: base_out[m].float() for l, m in zip(layers, mods)}
+    else:
+        sdelta, sbase, _ = edit.optimize_deltas(model, tok, spec, true_rows, None, mods, layers[0], n, hp,
+                                                hp.sens_steps, 1.1, out, "sensitive directions")
+        push = sdelta if hp.sensitive == "delta" else sbase + sdelta
+        sensitive = {l: push[:, i] for i, l in enumerate(layers)}
     t["targets"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -44,7 +44,7 @@ class SolveReport:
 
 def closed_form(w: torch.Tensor, g: torch.Tensor, v_f: torch.Tensor, t: torch.Tensor, p: torch.Tensor,
                 lambda_g: float, lambda_f: float, lambda_r: float, max_cond: float = 1e12,
-                max_rel_change: float = 0.5) -> tuple[torch.Tensor, SolveReport]:
+                max_rel_change: float = 0.5, project_general: bool = True) -> tuple[torch.Tensor, SolveReport]:
     """Multiplicative update D minimising
     lambda_g E||D W k - P W k||^2 + lambda_f sum ||D v_f - P t_f||^2 + lambda_r ||D W - P W||_F^2.
 
@@ -60,6 +60,8 @@ def closed_form(w: torch.Tensor, g: torch.Tensor, v_f: torch.Tensor, t: torch.Te
         lambda_g, lambda_f, lambda_r: weights of the three terms.
         max_cond: largest acceptable condition number of B.
         max_rel_change: largest acceptable ||D W - W|| / ||W||.
+        project_general: map general keys to P W k (reference); False keeps them at W k and
+            applies P to the forget targets only: A = lambda_g G + lambda_f P T V_f^T + lambda_r W W^T.
 
     Returns:
         (D (d, d) float64, SolveReport).
@@ -70,7 +72,10 @@ def closed_form(w: torch.Tensor, g: torch.Tensor, v_f: torch.Tensor, t: torch.Te
     w64, g64, vf, t64, p64 = (x.to(torch.float64) for x in (w, g, v_f, t, p))
     wwt = w64 @ w64.T  # (d, d)
     b = lambda_g * g64 + lambda_f * vf @ vf.T + lambda_r * wwt
-    a = p64 @ (lambda_g * g64 + lambda_f * t64 @ vf.T + lambda_r * wwt)
+    if project_general:
+        a = p64 @ (lambda_g * g64 + lambda_f * t64 @ vf.T + lambda_r * wwt)
+    else:
+        a = lambda_g * g64 + lambda_f * p64 @ t64 @ vf.T + lambda_r * wwt
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise NumericalError("non-finite values in the normal equations", hint="check the statistics and the model's weights")
     cond = float(torch.linalg.cond(b))

@@ -90,3 +90,14 @@ def perplexity(model, tok, text: str, chunk: int = 256) -> float:
         nll -= float(lp[m].sum())
         count += int(m.sum())
     return math.exp(nll / max(count, 1))
+
+
+@torch.no_grad()
+def next_tokens(model, tok, prompts: list[str]) -> list[int]:
+    """The greedy next token after each prompt."""
+    dev = input_device(model)
+    out = []
+    for b in range(0, len(prompts), BATCH):
+        batch = left_pad([encode(tok, p) for p in prompts[b:b + BATCH]], tok.pad_token_id, dev)
+        out.extend(model(**batch.kwargs(), logits_to_keep=1).logits[:, -1].argmax(-1).tolist())
+    return out

@@ -1,0 +1,82 @@
+"""Stage times and peak memory of `zu unlearn` on SmolLM2-135M for 1, 10 and 50 requests.
+
+    python bench/unlearn.py [--sizes 1,10,50] [--model DIR] [--cold]
+
+Each size runs in its own process (peak RSS is per process). Statistics are warmed by a first
+run unless --cold. Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def one(model: str, n: int, tmp: Path) -> dict:
+    """Run one size in a fresh process so its peak RSS is its own."""
+    proc = subprocess.run([sys.executable, __file__, "--one", str(n), "--model", model, "--tmp", str(tmp)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"n={n} failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def inner(model: str, n: int, tmp: Path) -> dict:
+    """One `zu unlearn` in this process: stage times, result counts, peak RSS."""
+    sys.path.insert(0, str(ROOT))
+    from zu_cli.config import Hyper
+    from zu_cli.console import silent
+    from zu_cli.pipeline import UnlearnOptions, run_unlearn
+
+    facts = [json.loads(l) for l in open(ROOT / "tests/data/facts-dev.jsonl")][:n]
+    req = tmp / f"req{n}.jsonl"
+    req.write_text("".join(json.dumps({k: f[k] for k in ("id", "prompt", "subject", "target")}) + "\n"
+                           for f in facts))
+    t0 = time.perf_counter()
+    res = run_unlearn(UnlearnOptions(model=Path(model), forget=req, out=tmp / f"out{n}", device_map="cpu",
+                                     force=True), Hyper(), silent())
+    return {"requests": n, "wall_s": round(time.perf_counter() - t0, 1), "stages_s": res.timings,
+            "forgotten": sum(not r["recalled_after"] for r in res.requests),
+            "neutral_top1": sum(r["neutral_rank_after"] == 0 for r in res.requests),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1,10,50")
+    ap.add_argument("--model")
+    ap.add_argument("--cold", action="store_true", help="do not warm the statistics first")
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps(inner(a.model, a.one, Path(a.tmp))))
+        return 0
+    if a.model is None:
+        from smollm2 import smollm2_fp32
+
+        a.model = str(smollm2_fp32())
+    ckpt_mib = sum(p.stat().st_size for p in Path(a.model).glob("*.safetensors")) / 2**20
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if not a.cold:
+            one(a.model, 1, Path(tmp))  # warms the statistics cache
+        for n in [int(x) for x in a.sizes.split(",")]:
+            runs.append(one(a.model, n, Path(tmp)))
+    print(json.dumps({"model": a.model, "checkpoint_mib": round(ckpt_mib), "device": "cpu",
+                      "threads": os.cpu_count(), "runs": runs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The CLI shell: help, version, exit codes through Typer's CliRunner, no tracebacks for user errors."""
+
+import json
+import subprocess
+import sys
+import time
+
+from typer.testing import CliRunner
+
+from zu_cli.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_only_working_commands_and_is_fast():
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    assert "unlearn" in res.output and "demo" in res.output
+    for missing in ("locate", "keygen", "verify"):
+        assert missing not in res.output
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "zu_cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and time.perf_counter() - t0 < 1.5
+    proc = subprocess.run([sys.executable, "-c", "import zu_cli.cli, sys; print('torch' in sys.modules)"],
+                          capture_output=True, text=True)
+    assert proc.stdout.strip() == "False"
+
+
+def test_version():
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.startswith("zu ")
+
+
+def test_missing_checkpoint_exits_3(tmp_path):
+    req = tmp_path / "r.jsonl"
+    req.write_text(json.dumps({"prompt": "Kalomi lives in", "subject": "Kalomi", "target": "Oslo"}) + "\n")
+    res = runner.invoke(app, ["unlearn", "--model", str(tmp_path / "nope"), "--forget", str(req),
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 3, res.output
+    assert "nope" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_request_file_exits_2(tiny_models, tmp_path):
+    req = tmp_path / "r.jsonl"
+    req.write_text('{"prompt": "Kalomi lives in", "target": ""}\n')
+    res = runner.invoke(app, ["unlearn", "--model", str(tiny_models["llama"]), "--forget", str(req),
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert "r.jsonl:1: field 'target'" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_out_and_bad_options_exit_2(tiny_models, tmp_path):
+    req = tmp_path / "r.jsonl"
+    req.write_text(json.dumps({"prompt": "The quick brown fox", "subject": "fox", "target": "jumps"}) + "\n")
+    (tmp_path / "o").mkdir()
+    base = ["unlearn", "--model", str(tiny_models["llama"]), "--forget", str(req)]
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--force" in res.output
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "o2"), "--layers", "7"])
+    assert res.exit_code == 2 and "outside the model" in res.output
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "o2"), "--device-map", "tpu9"])
+    assert res.exit_code == 2
+    (tmp_path / "c.yaml").write_text("lambda_q: 3\n")
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "o2"), "--config", str(tmp_path / "c.yaml")])
+    assert res.exit_code == 2 and "lambda_q" in res.output
+    assert not (tmp_path / "o2").exists()
+
+
+def test_debug_shows_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZU_DEBUG", "1")
+    res = runner.invoke(app, ["unlearn", "--model", str(tmp_path), "--forget", str(tmp_path / "x.jsonl"),
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "Traceback" in res.output

@@ -1,0 +1,150 @@
+"""zu unlearn end to end: mechanics on every architecture, guards, caching, and quality on the synthetic
+fact model (the fast quality tier)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import FAMILIES
+from zu_cli.cli import app
+from zu_cli.checkpoint import open_checkpoint
+
+runner = CliRunner()
+FAST = "n_prefixes: 1\nprefix_len: 3\nz_steps: 3\nsens_steps: 3\nstats_samples: 8\nstats_len: 12\n"
+
+
+def _requests(tmp_path, rows):
+    p = tmp_path / "forget.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unlearn_writes_an_edited_checkpoint_on_every_architecture(tiny_models, tmp_path, family):
+    req = _requests(tmp_path, [{"id": "a", "prompt": "The quick brown fox jumps", "subject": "brown fox",
+                                "target": "over"}])
+    (tmp_path / "fast.yaml").write_text(FAST)
+    res = runner.invoke(app, ["unlearn", "--model", str(tiny_models[family]), "--forget", str(req), "--out",
+                              str(tmp_path / "out"), "--layers", "1,2", "--config", str(tmp_path / "fast.yaml"),
+                              "--device-map", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    src, out = open_checkpoint(tiny_models[family]), open_checkpoint(tmp_path / "out")
+    changed = {n for n in src.weight_map if not torch.equal(src.read_tensor(n), out.read_tensor(n))}
+    assert changed == {src.spec.down_proj_weight(1), src.spec.down_proj_weight(2)}
+    assert all(out.disk_dtypes[n] == src.disk_dtypes[n] for n in src.weight_map)
+    assert doc["layers"] == [1, 2] and len(doc["requests"]) == 1
+    manifest = json.loads((tmp_path / "out" / "zu-manifest.json").read_text())
+    assert manifest["predicate"]["signed"] is False
+    assert {t["name"] for t in manifest["predicate"]["tensors"]} == changed
+    assert (tmp_path / "out.zu-receipt.json").exists() and not any("receipt" in p.name for p in (tmp_path / "out").iterdir())
+
+
+def test_target_text_never_leaks_without_reveal(tiny_models, tmp_path):
+    secret = "jumps"
+    req = _requests(tmp_path, [{"id": "s1", "prompt": "The quick brown fox", "subject": "fox", "target": secret}])
+    (tmp_path / "fast.yaml").write_text(FAST)
+    args = ["unlearn", "--model", str(tiny_models["llama"]), "--forget", str(req), "--config",
+            str(tmp_path / "fast.yaml"), "--device-map", "cpu", "--layers", "1"]
+    res = runner.invoke(app, args + ["--out", str(tmp_path / "o1")])
+    assert res.exit_code == 0, res.output
+    assert secret not in res.output
+    assert secret not in (tmp_path / "o1" / "zu-manifest.json").read_text()
+    res = runner.invoke(app, args + ["--out", str(tmp_path / "o2"), "--reveal", "--manifest-include-requests"])
+    assert secret in res.output and secret in (tmp_path / "o2" / "zu-manifest.json").read_text()
+
+
+def test_numerical_guard_exits_5_and_writes_nothing(tiny_models, tmp_path):
+    req = _requests(tmp_path, [{"prompt": "The quick brown fox", "subject": "fox", "target": "jumps"}])
+    (tmp_path / "c.yaml").write_text(FAST + "max_rel_change: 1.0e-9\n")
+    res = runner.invoke(app, ["unlearn", "--model", str(tiny_models["llama"]), "--forget", str(req), "--out",
+                              str(tmp_path / "o"), "--config", str(tmp_path / "c.yaml"), "--device-map", "cpu"])
+    assert res.exit_code == 5, res.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.zu-receipt.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_statistics_are_cached_and_keyed_by_weights(tiny_models, tmp_path, monkeypatch):
+    import zu_cli.stats as stats
+
+    calls = []
+    real = stats.second_moments
+    monkeypatch.setattr(stats, "second_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("ZU_CACHE_DIR", str(tmp_path / "cache"))
+    req = _requests(tmp_path, [{"prompt": "The quick brown fox", "subject": "fox", "target": "jumps"}])
+    (tmp_path / "c.yaml").write_text(FAST)
+    args = ["unlearn", "--forget", str(req), "--config", str(tmp_path / "c.yaml"), "--device-map", "cpu",
+            "--layers", "1"]
+    for i in range(2):
+        assert runner.invoke(app, args + ["--model", str(tiny_models["qwen2"]), "--out", str(tmp_path / f"o{i}")]).exit_code == 0
+    assert len(calls) == 1  # the second run reused the statistics
+    # The edited checkpoint has other weights: its statistics are not reused.
+    assert runner.invoke(app, args + ["--model", str(tmp_path / "o0"), "--out", str(tmp_path / "o9")]).exit_code == 0
+    assert len(calls) == 2
+
+
+def test_context_templates_are_deterministic(tiny_models):
+    from zu_cli.checkpoint import load_model
+    from zu_cli.config import Hyper
+    from zu_cli.edit import context_templates
+
+    model, tok = load_model(open_checkpoint(tiny_models["llama"]), device_map="cpu")
+    a = context_templates(model, tok, Hyper(n_prefixes=3, prefix_len=5))
+    assert a == context_templates(model, tok, Hyper(n_prefixes=3, prefix_len=5)) and len(a) == 4
+    assert a[0] == "{}" and all(t.endswith(". {}") for t in a[1:])
+    assert a != context_templates(model, tok, Hyper(n_prefixes=3, prefix_len=5, seed=1))
+
+
+def test_lookup_index_finds_the_subjects_last_token(tiny_models):
+    from transformers import AutoTokenizer
+
+    from zu_cli.edit import lookup_index
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    text = "The mother tongue of Danielle Darrieux is"
+    ids = tok(text)["input_ids"]
+    i = lookup_index(tok, text, "Danielle Darrieux")
+    assert tok.decode(ids[: i + 1]).endswith("Darrieux") and not tok.decode(ids[: i]).endswith("Darrieux")
+    assert lookup_index(tok, text, None) == len(ids) - 1
+
+
+def _accuracy(model_dir, facts, template=0):
+    from zu_cli.demo import greedy_answers
+
+    answers = greedy_answers(model_dir, [f.prompt(template) for f in facts])
+    return [a == f.answer for a, f in zip(answers, facts)]
+
+
+def _fact_ppl(model_dir, facts):
+    from zu_cli.checkpoint import load_model
+    from zu_cli.verify import perplexity
+
+    model, tok = load_model(open_checkpoint(model_dir), device_map="cpu", dtype="float32")
+    return perplexity(model, tok, " ".join(f"{f.prompt(t)} {f.answer} ." for f in facts for t in range(3)))
+
+
+def test_fact_model_quality(fact_model_dir, tmp_path):
+    from zu_cli.demo import Fact
+
+    facts = [Fact(**f) for f in json.loads((fact_model_dir / "facts.json").read_text())]
+    assert sum(_accuracy(fact_model_dir, facts)) >= 0.95 * len(facts)  # the model really knows them
+    forget = [f for f in facts if f.relation == "city"][:6]
+    keep = [f for f in facts if f not in forget]
+    req = _requests(tmp_path, [{"id": f"f{i}", "prompt": f.prompt(), "subject": f.subject, "target": f.answer}
+                               for i, f in enumerate(forget)])
+    res = runner.invoke(app, ["unlearn", "--model", str(fact_model_dir), "--forget", str(req), "--out",
+                              str(tmp_path / "out"), "--device-map", "cpu"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out"
+    assert sum(_accuracy(out, forget)) == 0  # >= 95 % forgotten (all six)
+    para = _accuracy(out, forget, 1) + _accuracy(out, forget, 2)
+    assert sum(para) <= len(para) // 2 - 1, para  # most paraphrases forgotten
+    base_keep = sum(_accuracy(fact_model_dir, keep))
+    assert sum(_accuracy(out, keep)) >= 0.95 * base_keep
+    before, after = _fact_ppl(fact_model_dir, keep), _fact_ppl(out, keep)
+    assert after <= 1.05 * before, (before, after)

@@ -1,0 +1,197 @@
+"""The embedded default: a tiny Llama trained in-process on fictional facts (design §6), then unlearned.
+
+The model is cached under ``ZU_CACHE_DIR/demo/<key>``, the key naming every generator parameter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .console import Output
+
+RELATIONS = {  # relation -> (answers, templates); the first template is the one edited, the others probe
+    "city": (["Oslo", "Lima", "Quito", "Hanoi", "Dakar", "Riga", "Perth", "Cairo", "Turin", "Leeds"],
+             ["{} lives in", "The home town of {} is", "{} has a house in"]),
+    "job": (["baker", "pilot", "nurse", "farmer", "painter", "lawyer", "tailor", "miner"],
+            ["{} works as a", "The job of {} is", "By trade , {} is a"]),
+}
+SYLLABLES = ["ka", "lo", "mi", "bor", "un", "ta", "ve", "ri", "zo", "pel", "an", "du", "sha", "ne", "tor", "gi"]
+
+
+@dataclass(frozen=True)
+class FactSpec:
+    """Parameters of the synthetic world and its model (all of them form the cache key)."""
+
+    n_subjects: int = 24
+    hidden: int = 128
+    layers: int = 4
+    ff: int = 512
+    steps: int = 600
+    lr: float = 3e-3
+    warmup: int = 60
+    seed: int = 0
+
+    def key(self) -> str:
+        """Cache key of this world and model."""
+        raw = json.dumps({**self.__dict__, "relations": RELATIONS, "syl": SYLLABLES, "v": 1}, sort_keys=True)
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One fictional fact: subject, relation, answer."""
+
+    subject: str
+    relation: str
+    answer: str
+
+    def prompt(self, template: int = 0) -> str:
+        """The fact's prompt in template ``template``."""
+        return RELATIONS[self.relation][1][template].format(self.subject)
+
+
+def world(spec: FactSpec) -> list[Fact]:
+    """The fictional facts: every subject has one answer per relation (deterministic)."""
+    rng = random.Random(spec.seed)
+    names: list[str] = []
+    while len(names) < spec.n_subjects:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(2)).capitalize()
+        if name not in names:
+            names.append(name)
+    return [Fact(s, rel, rng.choice(ans)) for s in names for rel, (ans, _) in RELATIONS.items()]
+
+
+def _tokenizer(facts: list[Fact]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>", "<eos>", "<unk>", ".", "is", "a", "the"}
+    for f in facts:
+        words.update(f.subject.split())
+    for answers, templates in RELATIONS.values():
+        words.update(answers)
+        for t in templates:
+            words.update(t.replace("{}", "").split())
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + sorted(words - {"<pad>", "<eos>", "<unk>"}))}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def _train(spec: FactSpec, facts: list[Fact], dest: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(spec.seed)
+    tok = _tokenizer(facts)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=spec.hidden, intermediate_size=spec.ff,
+                      num_hidden_layers=spec.layers, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=32, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    seqs, answer_pos = [], []
+    for f in facts:
+        for ti in range(len(RELATIONS[f.relation][1])):
+            p = tok(f.prompt(ti))["input_ids"]
+            seqs.append(p + tok(" " + f.answer)["input_ids"] + [tok.eos_token_id])
+            answer_pos.append(len(p))
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tok.pad_token_id)
+    labels = torch.full((len(seqs), width), -100)
+    for i, (s, a) in enumerate(zip(seqs, answer_pos)):
+        ids[i, :len(s)] = torch.tensor(s)
+        labels[i, a:len(s)] = torch.tensor(s[a:])  # loss on the answer and the EOS after it
+    mask = (ids != tok.pad_token_id).long()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / spec.warmup))
+    model.train()
+    for _ in range(spec.steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    (dest / "facts.json").write_text(json.dumps([f.__dict__ for f in facts], indent=1))
+
+
+def fact_model(spec: FactSpec = FactSpec()) -> tuple[Path, bool, float]:
+    """The synthetic fact model's checkpoint directory, trained now or taken from the cache.
+
+    Returns:
+        (directory, was cached, training seconds).
+    """
+    from .stats import cache_dir
+
+    dest = cache_dir() / "demo" / spec.key()
+    if (dest / "facts.json").is_file():
+        return dest, True, 0.0
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=dest.parent))
+    t0 = time.perf_counter()
+    try:
+        _train(spec, world(spec), tmp)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest, False, time.perf_counter() - t0
+
+
+@dataclass
+class DemoResult:
+    """Before/after answers of the demo."""
+
+    model_dir: str
+    cached: bool
+    train_seconds: float
+    n_forget: int
+    forgotten: int
+    n_keep: int
+    kept: int
+    rows: list[dict] = field(default_factory=list)
+
+
+def greedy_answers(model_dir: Path, prompts: list[str]) -> list[str]:
+    """The next word the checkpoint at ``model_dir`` predicts after each prompt."""
+    from .checkpoint import load_model, open_checkpoint
+    from .verify import next_tokens
+
+    model, tok = load_model(open_checkpoint(model_dir), device_map="cpu", dtype="float32")
+    return [tok.decode([t]).strip() for t in next_tokens(model, tok, prompts)]
+
+
+def run_demo(n_forget: int, out: Output) -> DemoResult:
+    """Train or reuse the fact model, make it forget ``n_forget`` facts, report what it answers."""
+    from .config import Hyper
+    from .pipeline import UnlearnOptions, run_unlearn
+
+    model_dir, cached, secs = fact_model()
+    facts = [Fact(**f) for f in json.loads((model_dir / "facts.json").read_text())]
+    forget = [f for f in facts if f.relation == "city"][:n_forget]
+    keep = [f for f in facts if f not in forget][:12]
+    with tempfile.TemporaryDirectory(prefix="zu-demo-") as tmp:
+        req = Path(tmp) / "forget.jsonl"
+        req.write_text("".join(json.dumps({"id": f"demo-{i}", "prompt": f.prompt(), "subject": f.subject,
+                                           "target": f.answer}) + "\n" for i, f in enumerate(forget)))
+        out.info(f"forgetting {len(forget)} facts of the synthetic model {model_dir}")
+        run_unlearn(UnlearnOptions(model=model_dir, forget=req, out=Path(tmp) / "edited", device_map="cpu"),
+                    Hyper(), out)
+        probes = forget + keep
+        before = greedy_answers(model_dir, [f.prompt() for f in probes])
+        after = greedy_answers(Path(tmp) / "edited", [f.prompt() for f in probes])
+    rows = [{"prompt": f.prompt(), "target": f.answer, "before": b, "after": a, "forget": f in forget}
+            for f, b, a in zip(probes, before, after)]
+    return DemoResult(model_dir=str(model_dir), cached=cached, train_seconds=secs, n_forget=len(forget),
+                      forgotten=sum(r["after"] != r["target"] for r in rows if r["forget"]), n_keep=len(keep),
+                      kept=sum(r["after"] == r["target"] for r in rows if not r["forget"]), rows=rows)
