@@ -146,7 +146,7 @@ def test_bad_checkpoints_exit_3_naming_the_file(tiny_models, tmp_path, problem):
         open_checkpoint(src)
     assert info.value.exit_code == 3
     expect = {"missing_dir": "nope", "no_config": "config.json", "missing_shard": shard.name,
-              "corrupt_shard": shard.name, "unsupported": "mamba"}[problem]
+              "corrupt_shard": shard.name, "unsupported": "config.json: unsupported architecture ['MambaForCausalLM']"}[problem]
     assert expect in info.value.message + (info.value.hint or "")
     if problem == "unsupported":
         assert "llama" in info.value.hint and "gpt2" in info.value.hint

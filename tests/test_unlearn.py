@@ -15,7 +15,8 @@ from zu_cli.cli import app
 from zu_cli.checkpoint import open_checkpoint
 
 runner = CliRunner()
-FAST = "n_prefixes: 1\nprefix_len: 3\nz_steps: 3\nsens_steps: 3\nstats_samples: 8\nstats_len: 12\n"
+# Random tiny models have degenerate statistics: the change bound is for real checkpoints.
+FAST = "n_prefixes: 1\nprefix_len: 3\nz_steps: 3\nsens_steps: 3\nstats_samples: 8\nstats_len: 12\nmax_rel_change: 1000.0\n"
 
 
 def _requests(tmp_path, rows):
@@ -61,7 +62,7 @@ def test_target_text_never_leaks_without_reveal(tiny_models, tmp_path):
 
 def test_numerical_guard_exits_5_and_writes_nothing(tiny_models, tmp_path):
     req = _requests(tmp_path, [{"prompt": "The quick brown fox", "subject": "fox", "target": "jumps"}])
-    (tmp_path / "c.yaml").write_text(FAST + "max_rel_change: 1.0e-9\n")
+    (tmp_path / "c.yaml").write_text(FAST.replace("1000.0", "1.0e-9"))
     res = runner.invoke(app, ["unlearn", "--model", str(tiny_models["llama"]), "--forget", str(req), "--out",
                               str(tmp_path / "o"), "--config", str(tmp_path / "c.yaml"), "--device-map", "cpu"])
     assert res.exit_code == 5, res.output

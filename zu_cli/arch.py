@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -70,10 +71,13 @@ class ArchSpec:
         pinned = self.known.get(f"{num_layers}x{hidden}")
         if pinned:
             return list(pinned)
-        # Relative depth of the reference's Llama-3.2-3B window (16-18 of 28 layers).
+        # Relative depth of the reference's Llama-3.2-3B window (16-18 of 28 layers), keeping at
+        # least 30 % of the layers above it: the neutral target is written at the subject token
+        # and only later layers can carry it to the position that predicts the answer.
         start = int(round(self.default_window[0] * num_layers))
-        start = max(0, min(start, num_layers - width))
-        return list(range(start, min(num_layers, start + width)))
+        end = min(start + width, num_layers - math.ceil(0.3 * num_layers))
+        start = max(0, min(start, end - width))
+        return list(range(start, max(end, start + 1)))
 
 
 def _load_all() -> list[ArchSpec]:

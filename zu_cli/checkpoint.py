@@ -79,7 +79,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path / 'config.json'}: unreadable config: {str(exc).splitlines()[0]}") from exc
-    spec = lookup(config)
+    try:
+        spec = lookup(config)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path / 'config.json'}: {exc.message}", exc.hint) from exc
     if (path / INDEX).is_file():
         try:
             shard_of = json.loads((path / INDEX).read_text())["weight_map"]

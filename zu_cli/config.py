@@ -43,8 +43,8 @@ class Hyper:
     z_weight_decay: float = 0.5
     z_stop_prob: float = 0.95
     sens_steps: int = 25
-    sensitive: str = "pushed"
-    project_general: bool = True
+    sensitive: str = "delta"
+    project_general: bool = False
     epsilon: float = 0.01
     lambda_g: float = 15000.0
     lambda_f: float = 50.0

@@ -14,7 +14,7 @@ from .config import Hyper
 from .console import Output
 from .hooks import Trace, TraceDict, replay_below
 from .requests import Request
-from .text import encode, encode_target, input_device, left_pad, sample
+from .text import as_tokens, encode, encode_target, input_device, left_pad, sample
 
 TEMPLATE_SEEDS = ["The", "Therefore", "Because", "I", "You"]
 
@@ -116,7 +116,7 @@ def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs: bool 
         model(**batch.kwargs())
     res = {}
     for m in modules:
-        x = (td[m].input if inputs else td[m].output).to(device="cpu", dtype=torch.float64)
+        x = as_tokens(td[m].input if inputs else td[m].output, *batch.ids.shape).to(device="cpu", dtype=torch.float64)
         at = x[torch.arange(len(rows.seqs)), look]  # (rows, dim)
         acc = torch.zeros(n, at.shape[-1], dtype=torch.float64).index_add_(0, owner, at)
         res[m] = acc / torch.bincount(owner, minlength=n).clamp_min(1)[:, None].to(torch.float64)
@@ -124,8 +124,8 @@ def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs: bool 
 
 
 def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, modules: list[str], start: int, n: int,
-                    hp: Hyper, steps: int, stop_prob: float, out: Output,
-                    label: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+                    hp: Hyper, steps: int, stop_prob: float, out: Output, label: str,
+                    margin: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Find one additive vector per (request, module) at the lookup token that makes the model emit
     each row's target (reference compute_z, batched over all requests).
 
@@ -139,6 +139,10 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
         hp: hyperparameters (lr, clamp, KL weight, weight decay).
         steps: Adam steps.
         stop_prob: stop once every request's mean target probability exceeds this.
+        margin: maximise the target's logit margin over the rest of the vocabulary instead of its
+            log-probability. For pushing toward an answer the model already gives with
+            probability ~1 the log-probability is flat (its gradient underflows to zero), the
+            margin is not; only the push's direction is used.
 
     Returns:
         (delta (n, len(modules), d), base output at the lookup averaged over rows (n, len(modules), d),
@@ -164,12 +168,14 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
 
     def add_delta(output, name, _inp):
         i = modules.index(name)
+        shape = output.shape
+        output = as_tokens(output, *batch.ids.shape)
         if i not in base:
             base[i] = output[torch.arange(len(allrows.seqs), device=output.device), look.to(output.device)].detach()
         d = delta[:, i].to(device=output.device, dtype=output.dtype)[owner.to(output.device)]  # (rows, d)
         output = output.clone()
         output[torch.arange(len(allrows.seqs), device=output.device), look.to(output.device)] += d
-        return output
+        return output.reshape(shape)
 
     kl_ref = None
     prob = 0.0
@@ -203,10 +209,17 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
                 logits = model(**batch.kwargs(), logits_to_keep=keep, use_cache=False).logits.float()
                 logp = logits.log_softmax(-1)
                 tok_lp = logp[tgt_row, tgt_col, tgt_id]  # (target tokens,)
-                row_lp = torch.zeros(n_main, device=dev).index_add_(0, tgt_row, tok_lp) / counts
-                req_lp = torch.zeros(n, device=dev).index_add_(0, own, row_lp) / torch.bincount(own, minlength=n).clamp_min(1)
-                prob = float(req_lp.detach().exp().min())
-                loss = -req_lp.mean()
+                if margin:
+                    sel = logits[tgt_row, tgt_col]  # (target tokens, vocab)
+                    rest = sel.scatter(-1, tgt_id[:, None], float("-inf")).logsumexp(-1)
+                    tok_obj = sel.gather(-1, tgt_id[:, None])[:, 0] - rest
+                else:
+                    tok_obj = tok_lp
+                per_req = lambda x: torch.zeros(n, device=dev).index_add_(
+                    0, own, torch.zeros(n_main, device=dev).index_add_(0, tgt_row, x) / counts) \
+                    / torch.bincount(own, minlength=n).clamp_min(1)
+                prob = float(per_req(tok_lp.detach()).exp().min())
+                loss = -per_req(tok_obj).mean()
                 if kl_ref is not None:
                     cur = logp[n_main:, -1]
                     loss = loss + hp.z_kl * F.kl_div(cur, kl_ref, log_target=True, reduction="batchmean")

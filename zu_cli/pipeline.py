@@ -175,7 +175,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
         sensitive = {l: base_out[m].float() for l, m in zip(layers, mods)}
     else:
         sdelta, sbase, _ = edit.optimize_deltas(model, tok, spec, true_rows, None, mods, layers[0], n, hp,
-                                                hp.sens_steps, 1.1, out, "sensitive directions")
+                                                hp.sens_steps, 1.1, out, "sensitive directions", margin=True)
         push = sdelta if hp.sensitive == "delta" else sbase + sdelta
         sensitive = {l: push[:, i] for i, l in enumerate(layers)}
     t["targets"] = time.perf_counter() - t0

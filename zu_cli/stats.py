@@ -12,7 +12,7 @@ import torch
 from .console import Output
 from .errors import InputFileError
 from .hooks import TraceDict
-from .text import input_device, left_pad, sample
+from .text import as_tokens, input_device, left_pad, sample
 
 SEED_WORDS = ["The", "In", "A", "It", "He", "She", "They", "This", "We", "When", "After", "Many"]
 
@@ -109,7 +109,7 @@ def second_moments(model, seqs: list[list[int]], modules: list[str], biases: dic
                 model(**batch.kwargs())
             real = batch.mask.bool().cpu()
             for name in modules:
-                v = td[name].output.to(device="cpu", dtype=torch.float64)[real]  # (tokens, d)
+                v = as_tokens(td[name].output, *batch.ids.shape).to(device="cpu", dtype=torch.float64)[real]  # (tokens, d)
                 if biases.get(name) is not None:
                     v = v - biases[name].to(torch.float64).cpu()
                 sums[name] = sums.get(name, 0) + v.T @ v

@@ -32,6 +32,11 @@ class Batch:
         return {"input_ids": self.ids, "attention_mask": self.mask, "position_ids": self.pos}
 
 
+def as_tokens(x: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """View an activation as (batch, seq, dim): some models (OPT) run their MLP on (batch*seq, dim)."""
+    return x.reshape(batch, seq, x.shape[-1])
+
+
 def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> Batch:
     """Left-pad token lists so every row ends at the last column (where the next token is predicted).
 
