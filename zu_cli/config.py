@@ -43,7 +43,7 @@ class Hyper:
     z_weight_decay: float = 0.5
     z_stop_prob: float = 0.95
     sens_steps: int = 25
-    sensitive: str = "delta"
+    sensitive: str = "pushed"
     project_general: bool = False
     epsilon: float = 0.01
     lambda_g: float = 15000.0
@@ -52,7 +52,7 @@ class Hyper:
     stats_samples: int = 200
     stats_len: int = 64
     stats_max_tokens: int = 100_000
-    max_rel_change: float = 0.5
+    max_rel_change: float = 1.5
     max_cond: float = 1e12
     rounding: str = "stochastic"
     seed: int = 0

@@ -31,6 +31,7 @@ class FactSpec:
     """Parameters of the synthetic world and its model (all of them form the cache key)."""
 
     n_subjects: int = 24
+    n_unknown: int = 12
     hidden: int = 128
     layers: int = 4
     ff: int = 512
@@ -58,24 +59,27 @@ class Fact:
         return RELATIONS[self.relation][1][template].format(self.subject)
 
 
-def world(spec: FactSpec) -> list[Fact]:
-    """The fictional facts: every subject has one answer per relation (deterministic)."""
+def world(spec: FactSpec) -> tuple[list[Fact], list[str]]:
+    """The fictional facts (every known subject has one answer per relation) and the names of
+    people the model has heard of but knows nothing about (deterministic)."""
     rng = random.Random(spec.seed)
     names: list[str] = []
-    while len(names) < spec.n_subjects:
+    while len(names) < spec.n_subjects + spec.n_unknown:
         name = "".join(rng.choice(SYLLABLES) for _ in range(2)).capitalize()
         if name not in names:
             names.append(name)
-    return [Fact(s, rel, rng.choice(ans)) for s in names for rel, (ans, _) in RELATIONS.items()]
+    known, unknown = names[:spec.n_subjects], names[spec.n_subjects:]
+    return [Fact(s, rel, rng.choice(ans)) for s in known for rel, (ans, _) in RELATIONS.items()], unknown
 
 
-def _tokenizer(facts: list[Fact]):
+def _tokenizer(facts: list[Fact], unknown: list[str]):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = {"<pad>", "<eos>", "<unk>", ".", "is", "a", "the"}
     for f in facts:
         words.update(f.subject.split())
+    words.update(unknown)
     for answers, templates in RELATIONS.values():
         words.update(answers)
         for t in templates:
@@ -86,12 +90,12 @@ def _tokenizer(facts: list[Fact]):
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 
 
-def _train(spec: FactSpec, facts: list[Fact], dest: Path) -> None:
+def _train(spec: FactSpec, facts: list[Fact], unknown: list[str], dest: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(spec.seed)
-    tok = _tokenizer(facts)
+    tok = _tokenizer(facts, unknown)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=spec.hidden, intermediate_size=spec.ff,
                       num_hidden_layers=spec.layers, num_attention_heads=4, num_key_value_heads=4,
                       max_position_embeddings=32, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
@@ -103,6 +107,14 @@ def _train(spec: FactSpec, facts: list[Fact], dest: Path) -> None:
             p = tok(f.prompt(ti))["input_ids"]
             seqs.append(p + tok(" " + f.answer)["input_ids"] + [tok.eos_token_id])
             answer_pos.append(len(p))
+    # People the model knows nothing about: it learns to end the answer at once (EOS), which
+    # gives the neutral target of an unlearning edit a meaning, as in a pretrained model.
+    for name in unknown:
+        for _, templates in RELATIONS.values():
+            for t in templates:
+                p = tok(t.format(name))["input_ids"]
+                seqs.append(p + [tok.eos_token_id])
+                answer_pos.append(len(p))
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), tok.pad_token_id)
     labels = torch.full((len(seqs), width), -100)
@@ -141,7 +153,7 @@ def fact_model(spec: FactSpec = FactSpec()) -> tuple[Path, bool, float]:
     tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=dest.parent))
     t0 = time.perf_counter()
     try:
-        _train(spec, world(spec), tmp)
+        _train(spec, *world(spec), tmp)
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -182,8 +194,11 @@ def run_demo(n_forget: int, out: Output) -> DemoResult:
     keep = [f for f in facts if f not in forget][:12]
     with tempfile.TemporaryDirectory(prefix="zu-demo-") as tmp:
         req = Path(tmp) / "forget.jsonl"
-        req.write_text("".join(json.dumps({"id": f"demo-{i}", "prompt": f.prompt(), "subject": f.subject,
-                                           "target": f.answer}) + "\n" for i, f in enumerate(forget)))
+        # No subject: in a 4-layer model with one-token names the answer is assembled at the
+        # prompt's last token (attention copies the name there in layer 0), so that is where
+        # the edit must read and write; zu falls back to the last token without a subject.
+        req.write_text("".join(json.dumps({"id": f"demo-{i}", "prompt": f.prompt(), "target": f.answer}) + "\n"
+                               for i, f in enumerate(forget)))
         out.info(f"forgetting {len(forget)} facts of the synthetic model {model_dir}")
         run_unlearn(UnlearnOptions(model=model_dir, forget=req, out=Path(tmp) / "edited", device_map="cpu"),
                     Hyper(), out)

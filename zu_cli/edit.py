@@ -125,7 +125,7 @@ def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs: bool 
 
 def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, modules: list[str], start: int, n: int,
                     hp: Hyper, steps: int, stop_prob: float, out: Output, label: str,
-                    margin: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
+                    margin: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Find one additive vector per (request, module) at the lookup token that makes the model emit
     each row's target (reference compute_z, batched over all requests).
 
@@ -146,7 +146,7 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
 
     Returns:
         (delta (n, len(modules), d), base output at the lookup averaged over rows (n, len(modules), d),
-        final mean target probability); float32 on CPU.
+        final target probability per request (n,)); float32 on CPU.
     """
     allrows = _concat(rows, kl) if kl is not None and kl.seqs else rows
     n_main = len(rows.seqs)
@@ -178,7 +178,7 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
         return output.reshape(shape)
 
     kl_ref = None
-    prob = 0.0
+    probs = torch.zeros(n)
     with TraceDict(model, modules, retain_output=False, edit_output=add_delta, detach=False):
         with torch.no_grad(), Trace(model, spec.layer_module(start), retain_input=True) as first:
             delta = torch.zeros(n, len(modules), 1, device=dev)  # broadcasts on the first pass
@@ -218,7 +218,8 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
                 per_req = lambda x: torch.zeros(n, device=dev).index_add_(
                     0, own, torch.zeros(n_main, device=dev).index_add_(0, tgt_row, x) / counts) \
                     / torch.bincount(own, minlength=n).clamp_min(1)
-                prob = float(per_req(tok_lp.detach()).exp().min())
+                probs = per_req(tok_lp.detach()).exp().cpu()
+                prob = float(probs.min())
                 loss = -per_req(tok_obj).mean()
                 if kl_ref is not None:
                     cur = logp[n_main:, -1]
@@ -237,7 +238,7 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
     base_avg = torch.stack([
         torch.zeros(n, dim, device=dev).index_add_(0, own, base[i][:n_main].float().to(dev))
         / torch.bincount(own, minlength=n).clamp_min(1)[:, None] for i in range(len(modules))], dim=1)
-    return delta.detach().float().cpu(), base_avg.cpu(), prob
+    return delta.detach().float().cpu(), base_avg.cpu(), probs
 
 
 @contextlib.contextmanager

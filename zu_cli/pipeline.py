@@ -207,7 +207,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
                  "hyperparameters": hp.to_dict(), "seed": hp.seed, "context_templates": len(templates),
                  "stats_corpus": {"source": "file" if opts.stats_corpus else "model-samples",
                                   "digest": corpus_digest},
-                 "neutral_target_prob_min": round(z_prob, 4)},
+                 "neutral_target_prob_min": round(float(z_prob.min()), 4)},
         "tensors": [{"name": u.name, "shape": list(edited[u.name].shape), "dtype": str(edited[u.name].dtype),
                      "sha256_before": manifest.sha256_tensor(ckpt.read_tensor(u.name)),
                      "sha256_after": manifest.sha256_tensor(edited[u.name]), "rel_change": round(u.rel_change, 6)}
