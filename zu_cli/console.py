@@ -41,9 +41,9 @@ class Output:
     err: Console = field(default_factory=lambda: Console(stderr=True, highlight=False))
 
     def redact(self, text: str, rid: str | None = None) -> str:
-        """Return ``text`` itself with ``--reveal``, else the request id plus a short hash."""
+        """``id: text`` with ``--reveal``, else the request id plus a short hash of the text."""
         if self.reveal:
-            return text
+            return f"{rid}: {text}" if rid else text
         return f"{rid}{short_hash(text)}" if rid else short_hash(text)
 
     def info(self, message: str) -> None:

@@ -98,6 +98,13 @@ def kl_rows(tok, requests: list[Request]) -> Rows:
     return rows
 
 
+def _mean_by(owner: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of the rows of ``x`` (rows, ...) grouped by ``owner`` (rows,) into (n, ...)."""
+    acc = torch.zeros((n,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device).index_add_(0, owner, x)
+    cnt = torch.bincount(owner, minlength=n).clamp_min(1).to(x.dtype)
+    return acc / cnt.reshape((n,) + (1,) * (x.dim() - 1))
+
+
 def _concat(a: Rows, b: Rows) -> Rows:
     return Rows(a.seqs + b.seqs, a.lookup + b.lookup, a.owner + b.owner, a.targets + b.targets)
 
@@ -117,9 +124,7 @@ def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs: bool 
     res = {}
     for m in modules:
         x = as_tokens(td[m].input if inputs else td[m].output, *batch.ids.shape).to(device="cpu", dtype=torch.float64)
-        at = x[torch.arange(len(rows.seqs)), look]  # (rows, dim)
-        acc = torch.zeros(n, at.shape[-1], dtype=torch.float64).index_add_(0, owner, at)
-        res[m] = acc / torch.bincount(owner, minlength=n).clamp_min(1)[:, None].to(torch.float64)
+        res[m] = _mean_by(owner, x[torch.arange(len(rows.seqs)), look], n)  # (n, dim)
     return res
 
 
@@ -188,11 +193,9 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
             else contextlib.nullcontext()
         dim = base[0].shape[-1]
         own = owner[:n_main]
-        hnorm = torch.zeros(n, len(modules), device=dev)
-        for i in range(len(modules)):
-            hb = base[i][:n_main].float().to(dev)
-            s = torch.zeros(n, dim, device=dev).index_add_(0, own, hb)
-            hnorm[:, i] = (s / torch.bincount(own, minlength=n).clamp_min(1)[:, None]).norm(dim=-1)
+        # (n, modules, d): each request's unedited output at the lookup, averaged over templates.
+        base_avg = torch.stack([_mean_by(own, base[i][:n_main].float().to(dev), n) for i in range(len(modules))], 1)
+        hnorm = base_avg.norm(dim=-1)  # (n, modules)
         if n_main < len(allrows.seqs):
             kl_ref = logits0[n_main:, -1].log_softmax(-1).detach()
         # Adam moves each coordinate by about lr per step whatever the scale, so the delta is
@@ -201,7 +204,8 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
         unit = (hnorm / dim ** 0.5).detach()[..., None]  # (n, modules, 1)
         u = torch.zeros(n, len(modules), dim, device=dev, requires_grad=True)
         opt = torch.optim.Adam([u], lr=hp.z_lr)
-        counts = torch.bincount(tgt_row, minlength=n_main).clamp_min(1).float()
+        # Per-token values -> mean per row (over its target tokens) -> mean per request (over templates).
+        per_req = lambda x: _mean_by(own, _mean_by(tgt_row, x, n_main), n)
         with replay, out.progress(label, steps) as advance:
             for _ in range(steps):
                 opt.zero_grad()
@@ -215,9 +219,6 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
                     tok_obj = sel.gather(-1, tgt_id[:, None])[:, 0] - rest
                 else:
                     tok_obj = tok_lp
-                per_req = lambda x: torch.zeros(n, device=dev).index_add_(
-                    0, own, torch.zeros(n_main, device=dev).index_add_(0, tgt_row, x) / counts) \
-                    / torch.bincount(own, minlength=n).clamp_min(1)
                 probs = per_req(tok_lp.detach()).exp().cpu()
                 prob = float(probs.min())
                 loss = -per_req(tok_obj).mean()
@@ -235,9 +236,6 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
                     scale = (limit / (u * unit).norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
                     u.mul_(scale[..., None])
         delta = u * unit
-    base_avg = torch.stack([
-        torch.zeros(n, dim, device=dev).index_add_(0, own, base[i][:n_main].float().to(dev))
-        / torch.bincount(own, minlength=n).clamp_min(1)[:, None] for i in range(len(modules))], dim=1)
     return delta.detach().float().cpu(), base_avg.cpu(), probs
 
 

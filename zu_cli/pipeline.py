@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,29 +84,24 @@ def neutral_ids(tok, requests: list[Request], default: str) -> list[list[int]]:
     return out
 
 
-def collect_stats(model, tok, ckpt, spec, layers, biases, hp: Hyper, corpus: str | None, source: str,
+def collect_stats(model, tok, spec, layers, biases, hp: Hyper, corpus: str | None, source: str,
                   out: Output) -> tuple[dict[int, Any], str]:
-    """G per edited layer from the cache, or in one pass over the corpus for all missing layers."""
-    from .stats import corpus_tokens, load_cached, second_moments, stats_key, store_cached
-    import hashlib
+    """G per edited layer from the cache, or from one pass over the corpus for every missing layer.
 
-    settings = f"{corpus or 'model'}:{hp.stats_samples}:{hp.stats_len}:{hp.stats_max_tokens}:{hp.seed}"
-    g, missing, keys = {}, [], {}
-    # A corpus file's digest is only known after reading it; the key uses its path+settings plus
-    # the file digest below, so the cache is looked up after the (cheap) read.
-    seqs, corpus_digest = None, None
-    if corpus is not None:
-        seqs, corpus_digest = corpus_tokens(model, tok, corpus, hp.stats_samples, hp.stats_len, hp.stats_max_tokens,
-                                            hp.seed)
+    Returns:
+        (layer -> G, digest naming the corpus and its settings).
+    """
+    from .stats import corpus_tokens, load_cached, second_moments, stats_key, store_cached
+
+    seqs = None
+    if corpus is not None:  # a file's digest is only known once read (cheap next to a model pass)
+        seqs, corpus_digest = corpus_tokens(model, tok, corpus, hp.stats_samples, hp.stats_len,
+                                            hp.stats_max_tokens, hp.seed)
     else:
-        corpus_digest = hashlib.sha256(settings.encode()).hexdigest()
-    for l in layers:
-        keys[l] = stats_key(source, spec.down_proj_module(l), corpus_digest)
-        cached = load_cached(keys[l])
-        if cached is None:
-            missing.append(l)
-        else:
-            g[l] = cached
+        corpus_digest = hashlib.sha256(f"model:{hp.stats_samples}:{hp.stats_len}:{hp.seed}".encode()).hexdigest()
+    keys = {l: stats_key(source, spec.down_proj_module(l), corpus_digest) for l in layers}
+    g = {l: c for l in layers if (c := load_cached(keys[l])) is not None}
+    missing = [l for l in layers if l not in g]
     if missing:
         if seqs is None:
             seqs, _ = corpus_tokens(model, tok, None, hp.stats_samples, hp.stats_len, hp.stats_max_tokens, hp.seed)
@@ -181,7 +177,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     t["targets"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    g, corpus_digest = collect_stats(model, tok, ckpt, spec, layers, biases, hp, opts.stats_corpus, source, out)
+    g, corpus_digest = collect_stats(model, tok, spec, layers, biases, hp, opts.stats_corpus, source, out)
     t["statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
