@@ -39,11 +39,15 @@ def render_demo(res, out: Output) -> None:
         out.emit_json(asdict(res))
         return
     table = Table(title="zu demo: synthetic fact model")
-    for col in ("prompt", "fact", "before", "after", "forgotten?"):
+    for col in ("prompt", "fact", "before", "after", "status"):
         table.add_column(col)
     for row in res.rows:
-        table.add_row(row["prompt"], row["target"], row["before"], row["after"],
-                      "kept" if not row["forget"] else ("yes" if row["after"] != row["target"] else "NO"))
+        same = row["after"] == row["target"]
+        if row["forget"]:
+            status = "[red]still recalled[/red]" if same else "[green]forgotten[/green]"
+        else:
+            status = "[green]kept[/green]" if same else "[red]lost[/red]"
+        table.add_row(row["prompt"], row["target"], row["before"], row["after"], status)
     out.err.print(table)
     out.err.print(f"forgotten {res.forgotten}/{res.n_forget}; other facts kept {res.kept}/{res.n_keep}; "
                   f"model {res.model_dir} ({'cached' if res.cached else f'trained in {res.train_seconds:.0f}s'})")
