@@ -126,6 +126,14 @@ def parse_max_memory(text: str | None) -> dict[Any, str] | None:
     return out
 
 
+def _accelerator_type() -> str | None:
+    """The name of this machine's accelerator (e.g. the CUDA one), or None without one."""
+    import torch
+
+    acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    return acc.type if acc is not None else None
+
+
 def resolve_device_map(value: str) -> Any:
     """The ``device_map`` argument for ``from_pretrained`` from the ``--device-map`` option.
 
@@ -136,14 +144,15 @@ def resolve_device_map(value: str) -> Any:
         return value
     if value == "cpu":
         return {"": "cpu"}
-    if value in ("cuda", "gpu", "accelerator"):
+    if value in ("gpu", "accelerator") or value == _accelerator_type():
         return {"": 0}  # accelerate reads an integer as the accelerator's index
     if value.endswith(".json"):
         try:
             return json.loads(Path(value).read_text())
         except (OSError, ValueError) as exc:
             raise UsageError(f"--device-map {value}: cannot read device map JSON ({exc})") from exc
-    raise UsageError(f"--device-map: unknown value {value!r}", hint="auto, cpu, cuda, balanced or a FILE.json")
+    raise UsageError(f"--device-map: unknown value {value!r} (no such accelerator here?)",
+                     hint="auto, cpu, cuda (with a GPU), balanced or a FILE.json")
 
 
 def compute_dtype(value: str, device_map: Any):

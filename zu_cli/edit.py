@@ -14,7 +14,7 @@ from .config import Hyper
 from .console import Output
 from .hooks import Trace, TraceDict, replay_below
 from .requests import Request
-from .text import as_tokens, encode, encode_target, input_device, left_pad, sample
+from .text import as_tokens, encode, input_device, left_pad, sample
 
 TEMPLATE_SEEDS = ["The", "Therefore", "Because", "I", "You"]
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import Hyper
-from .console import Output, short_hash
+from .console import Output
 from .errors import UsageError
 from .requests import Request
 
@@ -91,14 +90,14 @@ def collect_stats(model, tok, spec, layers, biases, hp: Hyper, corpus: str | Non
     Returns:
         (layer -> G, digest naming the corpus and its settings).
     """
-    from .stats import corpus_tokens, load_cached, second_moments, stats_key, store_cached
+    from .stats import corpus_tokens, load_cached, samples_digest, second_moments, stats_key, store_cached
 
     seqs = None
     if corpus is not None:  # a file's digest is only known once read (cheap next to a model pass)
         seqs, corpus_digest = corpus_tokens(model, tok, corpus, hp.stats_samples, hp.stats_len,
                                             hp.stats_max_tokens, hp.seed)
     else:
-        corpus_digest = hashlib.sha256(f"model:{hp.stats_samples}:{hp.stats_len}:{hp.seed}".encode()).hexdigest()
+        corpus_digest = samples_digest(hp.stats_samples, hp.stats_len, hp.seed)
     keys = {l: stats_key(source, spec.down_proj_module(l), corpus_digest) for l in layers}
     g = {l: c for l in layers if (c := load_cached(keys[l])) is not None}
     missing = [l for l in layers if l not in g]
@@ -127,6 +126,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     from .arch import num_layers
     from .checkpoint import load_model, open_checkpoint, write_checkpoint
     from .requests import load_requests
+    from .text import encode_target
     from .verify import probe, token_ranks
 
     t: dict[str, float] = {}
@@ -164,7 +164,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
                                             hp, hp.z_steps,
                                             hp.z_stop_prob, out, "neutral targets")
     z = (h + delta)[:, 0]  # (n, d)
-    true_rows = edit.build_rows(tok, requests, templates, [edit.encode_target(tok, r.target) for r in requests])
+    true_rows = edit.build_rows(tok, requests, templates, [encode_target(tok, r.target) for r in requests])
     mods = [spec.down_proj_module(l) for l in layers]
     if hp.sensitive == "output":
         base_out = edit.outputs_at(model, tok, true_rows, mods, n)

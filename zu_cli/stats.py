@@ -57,6 +57,11 @@ def read_corpus(path: str | Path) -> tuple[list[str], str]:
     return texts, h.hexdigest()
 
 
+def samples_digest(n_samples: int, length: int, seed: int) -> str:
+    """Digest naming the model-sampled corpus (its text depends only on the model and these)."""
+    return hashlib.sha256(f"model-samples:{n_samples}x{length}:seed{seed}".encode()).hexdigest()
+
+
 def corpus_tokens(model, tok, corpus: str | None, n_samples: int, length: int, max_tokens: int,
                   seed: int) -> tuple[list[list[int]], str]:
     """Token sequences for the statistics and a digest naming them.
@@ -67,8 +72,7 @@ def corpus_tokens(model, tok, corpus: str | None, n_samples: int, length: int, m
     if corpus is None:
         gen = torch.Generator().manual_seed(seed)
         seeds = [SEED_WORDS[i % len(SEED_WORDS)] for i in range(n_samples)]
-        digest = hashlib.sha256(f"model-samples:{n_samples}x{length}:seed{seed}".encode()).hexdigest()
-        return sample(model, tok, seeds, length, gen), digest
+        return sample(model, tok, seeds, length, gen), samples_digest(n_samples, length, seed)
     texts, digest = read_corpus(corpus)
     seqs, total = [], 0
     for t in texts:
