@@ -211,6 +211,18 @@ def load_model(ckpt: Checkpoint, device_map: str = "auto", max_memory: str | Non
     return model, tok
 
 
+def check_out(ckpt: Checkpoint, out: Path, force: bool) -> None:
+    """Refuse an output path that is the input (or inside it), or that exists without ``force``.
+
+    Raises:
+        UsageError: exit 2.
+    """
+    if out.resolve() == ckpt.path.resolve() or ckpt.path.resolve() in out.resolve().parents:
+        raise UsageError(f"--out {out}: must not be the input checkpoint or inside it")
+    if out.exists() and not force:
+        raise UsageError(f"--out {out}: already exists", hint="choose another path or pass --force to replace it")
+
+
 def write_checkpoint(ckpt: Checkpoint, out: str | Path, edited: dict[str, Any], force: bool = False,
                      finalize: Callable[[Path], None] | None = None) -> Path:
     """Write ``ckpt`` with ``edited`` tensors replaced, atomically (design §3).
@@ -239,10 +251,7 @@ def write_checkpoint(ckpt: Checkpoint, out: str | Path, edited: dict[str, Any], 
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.resolve() == ckpt.path.resolve() or ckpt.path.resolve() in out.resolve().parents:
-        raise UsageError(f"--out {out}: must not be the input checkpoint or inside it")
-    if out.exists() and not force:
-        raise UsageError(f"--out {out}: already exists", hint="choose another path or pass --force to replace it")
+    check_out(ckpt, out, force)
     by_shard: dict[str, dict[str, Any]] = {}
     for name, tensor in edited.items():
         if name not in ckpt.weight_map:

@@ -289,19 +289,19 @@ class LayerUpdate:
 
 def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: list[int], weights: dict[int, torch.Tensor],
                 biases: dict[int, torch.Tensor | None], g: dict[int, torch.Tensor], z: torch.Tensor,
-                sensitive: dict[int, torch.Tensor], templates: list[str], hp: Hyper, disk_dtype: torch.dtype,
+                sensitive: dict[int, torch.Tensor], templates: list[str], hp: Hyper,
                 out: Output) -> list[LayerUpdate]:
     """Closed-form edit of each layer in order, keys recomputed on the already-edited model (§2.5, §2.7).
 
     Args:
-        weights: layer -> W (d, f) as on disk (any dtype), output = W @ key orientation.
+        weights: layer -> W (d, f) as on disk, output = W @ key orientation. Its dtype is the
+            stored one: a lower precision triggers rounding here, so later layers see, and
+            compensate for, exactly what will be written.
         biases: layer -> down-projection bias or None.
         g: layer -> G (d, d).
         z: (n, d) neutral target hidden states at the last edited layer's output.
         sensitive: layer -> M_f (n, d) sensitive output vectors.
         templates: context templates for the keys.
-        disk_dtype: dtype of the stored weights (a lower precision triggers rounding here, so later
-            layers see, and compensate for, exactly what will be written).
 
     Returns:
         One LayerUpdate per layer.
@@ -331,9 +331,9 @@ def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: lis
                              hp.max_rel_change, hp.project_general)
         new = d @ w
         if hp.rounding == "stochastic":
-            new = stochastic_round(new, disk_dtype, gen)
+            new = stochastic_round(new, weights[layer].dtype, gen)
         else:
-            new = new.to(disk_dtype)
+            new = new.to(weights[layer].dtype)
         new = new.to(torch.float32)
         done[layer] = new
         old = weights[layer].to(torch.float32)

@@ -124,7 +124,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
 
     from . import edit, manifest
     from .arch import num_layers
-    from .checkpoint import load_model, open_checkpoint, write_checkpoint
+    from .checkpoint import check_out, load_model, open_checkpoint, write_checkpoint
     from .requests import load_requests
     from .text import encode_target
     from .verify import probe, token_ranks
@@ -133,19 +133,17 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     t0 = time.perf_counter()
     requests = load_requests(opts.forget)
     ckpt = open_checkpoint(opts.model)
-    if opts.out.exists() and not opts.force:  # refuse before any expensive work
-        raise UsageError(f"--out {opts.out}: already exists", hint="choose another path or pass --force to replace it")
+    check_out(ckpt, opts.out, opts.force)  # refuse before any expensive work
     spec = ckpt.spec
     layers, how = resolve_layers(opts.layers, spec, ckpt.config, num_layers(spec, ckpt.config))
     model, tok = load_model(ckpt, opts.device_map, opts.max_memory, opts.offload_dir, opts.dtype)
     targets_neutral = neutral_ids(tok, requests, opts.neutral)
     source_digests = manifest.dir_digests(ckpt.path)
     source = manifest.sha256_file_list(source_digests)
-    weights, biases, disk = {}, {}, {}
+    raw, weights, biases = {}, {}, {}
     for l in layers:
-        raw = ckpt.read_tensor(spec.down_proj_weight(l))
-        disk[l] = raw.dtype
-        weights[l] = raw.T if spec.transposed else raw  # (d, f): output = W @ key
+        raw[l] = ckpt.read_tensor(spec.down_proj_weight(l))  # as stored: hashed for the manifest
+        weights[l] = raw[l].T if spec.transposed else raw[l]  # (d, f): output = W @ key
         bname = spec.down_proj_module(l) + ".bias"
         biases[l] = ckpt.read_tensor(bname).to(torch.float32) if spec.bias and bname in ckpt.weight_map else None
     t["load"] = time.perf_counter() - t0
@@ -181,8 +179,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     t["statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    ups = edit.edit_layers(model, tok, spec, requests, layers, weights, biases, g, z, sensitive, templates, hp,
-                           disk[layers[-1]], out)
+    ups = edit.edit_layers(model, tok, spec, requests, layers, weights, biases, g, z, sensitive, templates, hp, out)
     new_w = {u.layer: u.new for u in ups}
     with edit.applied(model, spec, new_w, biases):
         after = probe(model, tok, queries)
@@ -190,7 +187,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     t["solve"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    edited = {u.name: (u.new.T if spec.transposed else u.new).to(disk[u.layer]) for u in ups}
+    edited = {u.name: (u.new.T if spec.transposed else u.new).to(raw[u.layer].dtype) for u in ups}
     salt = manifest.new_salt()
     commits = manifest.commitments(requests, salt)
     per_req = [{"id": r.id, "tag": out.redact(r.target, r.id), "recalled_before": b.top1, "recalled_after": a.top1,
@@ -205,7 +202,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
                                   "digest": corpus_digest},
                  "neutral_target_prob_min": round(float(z_prob.min()), 4)},
         "tensors": [{"name": u.name, "shape": list(edited[u.name].shape), "dtype": str(edited[u.name].dtype),
-                     "sha256_before": manifest.sha256_tensor(ckpt.read_tensor(u.name)),
+                     "sha256_before": manifest.sha256_tensor(raw[u.layer]),
                      "sha256_after": manifest.sha256_tensor(edited[u.name]), "rel_change": round(u.rel_change, 6)}
                     for u in ups],
         "requests": {"count": n, "commitments": commits} if not opts.include_requests

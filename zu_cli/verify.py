@@ -61,16 +61,20 @@ def probe(model, tok, queries: list[tuple[str, str]]) -> list[Probe]:
 
 
 @torch.no_grad()
-def token_ranks(model, tok, prompts: list[str], token_ids: list[list[int]]) -> list[int]:
-    """Rank of the first of ``token_ids[i]`` as the next token after ``prompts[i]`` (0 = top-1)."""
+def last_logits(model, tok, prompts: list[str]) -> torch.Tensor:
+    """Next-token logits after each prompt, (len(prompts), vocab) float32 on CPU."""
     dev = input_device(model)
     out = []
     for b in range(0, len(prompts), BATCH):
         batch = left_pad([encode(tok, p) for p in prompts[b:b + BATCH]], tok.pad_token_id, dev)
-        logits = model(**batch.kwargs(), logits_to_keep=1).logits[:, -1].float().cpu()
-        for row, ids in enumerate(token_ids[b:b + BATCH]):
-            out.append(int((logits[row] > logits[row, ids[0]]).sum()))
-    return out
+        out.append(model(**batch.kwargs(), logits_to_keep=1).logits[:, -1].float().cpu())
+    return torch.cat(out)
+
+
+def token_ranks(model, tok, prompts: list[str], token_ids: list[list[int]]) -> list[int]:
+    """Rank of the first of ``token_ids[i]`` as the next token after ``prompts[i]`` (0 = top-1)."""
+    logits = last_logits(model, tok, prompts)
+    return [int((row > row[ids[0]]).sum()) for row, ids in zip(logits, token_ids)]
 
 
 @torch.no_grad()
@@ -92,12 +96,6 @@ def perplexity(model, tok, text: str, chunk: int = 256) -> float:
     return math.exp(nll / max(count, 1))
 
 
-@torch.no_grad()
 def next_tokens(model, tok, prompts: list[str]) -> list[int]:
     """The greedy next token after each prompt."""
-    dev = input_device(model)
-    out = []
-    for b in range(0, len(prompts), BATCH):
-        batch = left_pad([encode(tok, p) for p in prompts[b:b + BATCH]], tok.pad_token_id, dev)
-        out.extend(model(**batch.kwargs(), logits_to_keep=1).logits[:, -1].argmax(-1).tolist())
-    return out
+    return last_logits(model, tok, prompts).argmax(-1).tolist()
