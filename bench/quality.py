@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def metrics(model_dir: Path, facts: list[dict], text: str) -> dict:
     from zu_cli.checkpoint import load_model, open_checkpoint
-    from zu_cli.verify import perplexity, probe
+    from zu_cli.probes import perplexity, probe
 
     model, tok = load_model(open_checkpoint(model_dir), device_map="cpu", dtype="float32")
     main = probe(model, tok, [(f["prompt"], f["target"]) for f in facts])
@@ -45,6 +45,7 @@ def main() -> int:
 
     from zu_cli.config import load_config
     from zu_cli.console import silent
+    from zu_cli.keys import ephemeral
     from zu_cli.pipeline import UnlearnOptions, run_unlearn
 
     facts = [json.loads(l) for l in open(a.facts) if l.strip()][a.offset:a.offset + a.n]
@@ -60,7 +61,7 @@ def main() -> int:
                                for f in facts))
         t0 = time.perf_counter()
         res = run_unlearn(UnlearnOptions(model=Path(a.model), forget=req, out=Path(tmp) / "out", layers=a.layers,
-                                         device_map="cpu"), hp, silent())
+                                         device_map="cpu", signer=ephemeral()), hp, silent())
         elapsed = time.perf_counter() - t0
         after = metrics(Path(tmp) / "out", facts, text)
     key = f"{a.model}:{a.offset}:{a.n}"

@@ -36,6 +36,7 @@ def inner(model: str, n: int, tmp: Path) -> dict:
     sys.path.insert(0, str(ROOT))
     from zu_cli.config import Hyper
     from zu_cli.console import silent
+    from zu_cli.keys import ephemeral
     from zu_cli.pipeline import UnlearnOptions, run_unlearn
 
     facts = [json.loads(l) for l in open(ROOT / "tests/data/facts-dev.jsonl")][:n]
@@ -44,7 +45,7 @@ def inner(model: str, n: int, tmp: Path) -> dict:
                            for f in facts))
     t0 = time.perf_counter()
     res = run_unlearn(UnlearnOptions(model=Path(model), forget=req, out=tmp / f"out{n}", device_map="cpu",
-                                     force=True), Hyper(), silent())
+                                     force=True, signer=ephemeral()), Hyper(), silent())
     return {"requests": n, "wall_s": round(time.perf_counter() - t0, 1), "stages_s": res.timings,
             "forgotten": sum(not r["recalled_after"] for r in res.requests),
             "neutral_top1": sum(r["neutral_rank_after"] == 0 for r in res.requests),

@@ -21,6 +21,18 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def signing_key(tmp_path_factory) -> Path:
+    """A default signing key (as `zu keygen` makes) in a per-session config dir, so unlearn can sign."""
+    from zu_cli.keys import keygen
+
+    cfg = tmp_path_factory.mktemp("zu-config")
+    os.environ["ZU_CONFIG_DIR"] = str(cfg)
+    os.environ.pop("ZU_SIGNING_KEY", None)
+    priv, _, _ = keygen(cfg)
+    return priv
+
+
 def build_tokenizer():
     """A small byte-level BPE tokenizer trained on CORPUS (leading-space variants like real ones)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -41,7 +41,7 @@ def test_unlearn_writes_an_edited_checkpoint_on_every_architecture(tiny_models, 
     assert all(out.disk_dtypes[n] == src.disk_dtypes[n] for n in src.weight_map)
     assert doc["layers"] == [1, 2] and len(doc["requests"]) == 1
     manifest = json.loads((tmp_path / "out" / "zu-manifest.json").read_text())
-    assert manifest["predicate"]["signed"] is False
+    assert (tmp_path / "out" / "zu-manifest.dsse.json").is_file()
     assert {t["name"] for t in manifest["predicate"]["tensors"]} == changed
     assert (tmp_path / "out.zu-receipt.json").exists() and not any("receipt" in p.name for p in (tmp_path / "out").iterdir())
 
@@ -123,7 +123,7 @@ def _accuracy(model_dir, facts, template=0):
 
 def _fact_ppl(model_dir, facts):
     from zu_cli.checkpoint import load_model
-    from zu_cli.verify import perplexity
+    from zu_cli.probes import perplexity
 
     model, tok = load_model(open_checkpoint(model_dir), device_map="cpu", dtype="float32")
     return perplexity(model, tok, " ".join(f"{f.prompt(t)} {f.answer} ." for f in facts for t in range(3)))

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
 
 
 @dataclass(frozen=True)
@@ -130,3 +130,21 @@ def num_layers(spec: ArchSpec, config: Any) -> int:
     """Layer count read from the config key the architecture names."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(getattr(cfg, spec.num_layers_key))
+
+
+def resolve_layers(text: str | None, spec, config, n_layers: int) -> tuple[list[int], str]:
+    """``--layers 17,18,19`` or the architecture's default window.
+
+    Raises:
+        UsageError: malformed list or a layer outside the model (exit 2).
+    """
+    if not text:
+        return spec.default_layers(n_layers, int(getattr(config, "hidden_size", 0) or 0)), "architecture default"
+    try:
+        layers = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError as exc:
+        raise UsageError(f"--layers {text!r}: expected comma-separated layer numbers") from exc
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if not layers or bad:
+        raise UsageError(f"--layers: layer {bad[0] if bad else text!r} outside the model (0-{n_layers - 1})")
+    return layers, "--layers"

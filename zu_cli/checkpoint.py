@@ -186,9 +186,10 @@ def load_model(ckpt: Checkpoint, device_map: str = "auto", max_memory: str | Non
         CheckpointError: transformers could not load the weights or tokenizer (exit 3).
         UsageError: bad option values (exit 2).
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # zu shows its own progress; tqdm bars would interleave on stderr
     dm = resolve_device_map(device_map)
     kwargs: dict[str, Any] = {"dtype": compute_dtype(dtype, dm), "device_map": dm}
     mm = parse_max_memory(max_memory)

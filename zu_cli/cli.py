@@ -76,6 +76,8 @@ def unlearn(
                                            "beside --out, never inside it)."),
     include_requests: bool = typer.Option(False, "--manifest-include-requests",
                                           help="Embed the plaintext requests in the manifest."),
+    key: Optional[Path] = typer.Option(None, "--key", help="Private key PEM to sign with (default: $ZU_SIGNING_KEY, "
+                                       "else the key `zu keygen` made)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     reveal: bool = typer.Option(False, "--reveal", help="Show request targets instead of id + hash."),
@@ -90,7 +92,7 @@ def unlearn(
     opts = UnlearnOptions(model=model, forget=forget, out=out, layers=layers, neutral=neutral,
                           stats_corpus=stats_corpus, device_map=device_map, max_memory=max_memory,
                           offload_dir=offload_dir, dtype=dtype, force=force, receipt=receipt,
-                          include_requests=include_requests)
+                          include_requests=include_requests, key=key)
     render_unlearn(run_unlearn(opts, hp, output), output)
 
 
@@ -106,6 +108,105 @@ def demo(
 
     output = Output(json_mode=json_out, reveal=True)  # the demo's facts are fictional: nothing to hide
     render_demo(run_demo(facts, output), output)
+
+
+@app.command()
+@handled
+def keygen(
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for zu-signing.key / .pub (default: the "
+                                       "user's zu config directory)."),
+    kind: str = typer.Option("ed25519", "--type", help="ed25519 or ecdsa-p256."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing key pair."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Create the signing key pair that `zu unlearn` signs manifests with."""
+    from .keys import keygen as make_key
+
+    output = Output(json_mode=json_out)
+    priv, pub, fp = make_key(out, kind, force)
+    if json_out:
+        output.emit_json({"private_key": str(priv), "public_key": str(pub), "fingerprint": fp, "type": kind})
+    else:
+        output.err.print(f"private key {priv} (mode 0600; keep it secret)\npublic key  {pub} (publish it; pin it "
+                         f"with `zu verify --public-key`)\nfingerprint {fp}")
+
+
+manifest_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                           help="Read a checkpoint's edit manifest, prove what a receipt says.")
+app.add_typer(manifest_app, name="manifest")
+
+
+@manifest_app.command("show")
+@handled
+def manifest_show(
+    model: Path = typer.Argument(..., help="Checkpoint directory written by `zu unlearn`."),
+    json_out: bool = typer.Option(False, "--json", help="Print the statement as JSON on stdout."),
+) -> None:
+    """A readable summary of the manifest (it is not verified: `zu verify` does that)."""
+    from .pipeline import read_manifest
+    from .render import render_manifest
+
+    render_manifest(read_manifest(model), Output(json_mode=json_out))
+
+
+@manifest_app.command("prove")
+@handled
+def manifest_prove(
+    model: Path = typer.Argument(..., help="Checkpoint directory written by `zu unlearn`."),
+    receipt: Path = typer.Option(..., "--receipt", help="The receipt `zu unlearn` wrote beside --out."),
+    forget: Path = typer.Option(..., "--forget", help="Requests to test for membership (.jsonl or .yaml)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    reveal: bool = typer.Option(False, "--reveal", help="Show request targets instead of id + hash."),
+) -> None:
+    """Say which requests were part of the edit (exit 0 when all were, 1 when any was not)."""
+    from .pipeline import run_prove
+    from .render import render_prove
+
+    output = Output(json_mode=json_out, reveal=reveal)
+    rows = run_prove(model, receipt, forget, output)
+    render_prove(rows, output)
+    if not all(r["in_manifest"] for r in rows):
+        raise typer.Exit(1)
+
+
+@app.command()
+@handled
+def verify(
+    model: Path = typer.Option(..., "--model", help="Checkpoint to verify."),
+    forget: Optional[Path] = typer.Option(None, "--forget", help="Requests that must be forgotten (without it: "
+                                          "integrity of the signed manifest only)."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="The base checkpoint: probes side by side, "
+                                            "Eff/Gen/Spe and the perplexity gate."),
+    retain: Optional[Path] = typer.Option(None, "--retain", help="Facts that must still be answered (request format)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Prose for perplexity (default with --baseline: a "
+                                        "bundled text)."),
+    deep: bool = typer.Option(False, "--deep", help="Logit lens: is the target still decodable at each layer?"),
+    max_rank: int = typer.Option(0, "--max-rank", help="A forgotten target still counts as recalled when its first "
+                                 "token ranks at most this (0 = top-1)."),
+    max_prob: float = typer.Option(0.25, "--max-prob", help="... or when the whole target's probability exceeds this."),
+    max_ppl_ratio: float = typer.Option(1.05, "--max-ppl-ratio", help="Perplexity after/before allowed "
+                                        "(with --baseline)."),
+    deep_k: int = typer.Option(10, "--deep-k", help="--deep calls a target decodable when it ranks below this."),
+    public_key: Optional[Path] = typer.Option(None, "--public-key", help="Pin the signer: its public key PEM."),
+    require_key: bool = typer.Option(False, "--require-key", help="Fail (exit 4) unless the signer is pinned."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML, one test case per probe."),
+    device_map: str = typer.Option("auto", "--device-map", help="auto, cpu, cuda, balanced or FILE.json."),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto, float32, bfloat16, float16."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    reveal: bool = typer.Option(False, "--reveal", help="Show prompts, targets and model text instead of id + hash."),
+) -> None:
+    """Check the signed manifest, then probe: exit 0 all pass, 1 a probe failed, 4 integrity failure."""
+    from .pipeline import VerifyOptions, run_verify
+    from .render import render_verify
+    from .verify import Criteria
+
+    output = Output(json_mode=json_out, reveal=reveal)
+    crit = Criteria(max_rank=max_rank, max_prob=max_prob, max_ppl_ratio=max_ppl_ratio, deep_k=deep_k)
+    report = run_verify(VerifyOptions(model=model, forget=forget, public_key=public_key, require_key=require_key,
+                                      baseline=baseline, retain=retain, text=text, deep=deep, criteria=crit,
+                                      device_map=device_map, dtype=dtype), output)
+    render_verify(report, output, junit)
+    report.raise_for_status()
 
 
 def run() -> None:

@@ -177,7 +177,7 @@ class DemoResult:
 def greedy_answers(model_dir: Path, prompts: list[str]) -> list[str]:
     """The next word the checkpoint at ``model_dir`` predicts after each prompt."""
     from .checkpoint import load_model, open_checkpoint
-    from .verify import next_tokens
+    from .probes import next_tokens
 
     model, tok = load_model(open_checkpoint(model_dir), device_map="cpu", dtype="float32")
     return [tok.decode([t]).strip() for t in next_tokens(model, tok, prompts)]
@@ -186,6 +186,7 @@ def greedy_answers(model_dir: Path, prompts: list[str]) -> list[str]:
 def run_demo(n_forget: int, out: Output) -> DemoResult:
     """Train or reuse the fact model, make it forget ``n_forget`` facts, report what it answers."""
     from .config import Hyper
+    from .keys import ephemeral
     from .pipeline import UnlearnOptions, run_unlearn
 
     model_dir, cached, secs = fact_model()
@@ -200,7 +201,8 @@ def run_demo(n_forget: int, out: Output) -> DemoResult:
         req.write_text("".join(json.dumps({"id": f"demo-{i}", "prompt": f.prompt(), "target": f.answer}) + "\n"
                                for i, f in enumerate(forget)))
         out.info(f"forgetting {len(forget)} facts of the synthetic model {model_dir}")
-        run_unlearn(UnlearnOptions(model=model_dir, forget=req, out=Path(tmp) / "edited", device_map="cpu"),
+        run_unlearn(UnlearnOptions(model=model_dir, forget=req, out=Path(tmp) / "edited", device_map="cpu",
+                                   signer=ephemeral()),
                     Hyper(), out)
         probes = forget + keep
         before = greedy_answers(model_dir, [f.prompt() for f in probes])

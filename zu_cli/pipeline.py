@@ -10,7 +10,6 @@ from typing import Any
 from .config import Hyper
 from .console import Output
 from .errors import UsageError
-from .requests import Request
 
 
 @dataclass
@@ -30,6 +29,8 @@ class UnlearnOptions:
     force: bool = False
     receipt: Path | None = None
     include_requests: bool = False
+    key: Path | None = None
+    signer: Any = None  # a keys.SigningKey given by a library caller instead of --key
 
 
 @dataclass
@@ -43,74 +44,7 @@ class UnlearnResult:
     requests: list[dict[str, Any]]
     timings: dict[str, float] = field(default_factory=dict)
     receipt: Path | None = None
-
-
-def resolve_layers(text: str | None, spec, config, n_layers: int) -> tuple[list[int], str]:
-    """``--layers 17,18,19`` or the architecture's default window.
-
-    Raises:
-        UsageError: malformed list or a layer outside the model (exit 2).
-    """
-    if not text:
-        return spec.default_layers(n_layers, int(getattr(config, "hidden_size", 0) or 0)), "architecture default"
-    try:
-        layers = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError as exc:
-        raise UsageError(f"--layers {text!r}: expected comma-separated layer numbers") from exc
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if not layers or bad:
-        raise UsageError(f"--layers: layer {bad[0] if bad else text!r} outside the model (0-{n_layers - 1})")
-    return layers, "--layers"
-
-
-def neutral_ids(tok, requests: list[Request], default: str) -> list[list[int]]:
-    """Token ids of each request's neutral target (``eos`` = the tokenizer's EOS).
-
-    Raises:
-        UsageError: ``eos`` asked for but the tokenizer has none (exit 2).
-    """
-    from .text import encode_target
-
-    out = []
-    for r in requests:
-        text = r.neutral or default
-        if text.lower() in ("eos", "<eos>"):
-            if tok.eos_token_id is None:
-                raise UsageError("--neutral eos: the tokenizer has no EOS token", hint="pass --neutral TEXT")
-            out.append([tok.eos_token_id])
-        else:
-            out.append(encode_target(tok, text))
-    return out
-
-
-def collect_stats(model, tok, spec, layers, biases, hp: Hyper, corpus: str | None, source: str,
-                  out: Output) -> tuple[dict[int, Any], str]:
-    """G per edited layer from the cache, or from one pass over the corpus for every missing layer.
-
-    Returns:
-        (layer -> G, digest naming the corpus and its settings).
-    """
-    from .stats import corpus_tokens, load_cached, samples_digest, second_moments, stats_key, store_cached
-
-    seqs = None
-    if corpus is not None:  # a file's digest is only known once read (cheap next to a model pass)
-        seqs, corpus_digest = corpus_tokens(model, tok, corpus, hp.stats_samples, hp.stats_len,
-                                            hp.stats_max_tokens, hp.seed)
-    else:
-        corpus_digest = samples_digest(hp.stats_samples, hp.stats_len, hp.seed)
-    keys = {l: stats_key(source, spec.down_proj_module(l), corpus_digest) for l in layers}
-    g = {l: c for l in layers if (c := load_cached(keys[l])) is not None}
-    missing = [l for l in layers if l not in g]
-    if missing:
-        if seqs is None:
-            seqs, _ = corpus_tokens(model, tok, None, hp.stats_samples, hp.stats_len, hp.stats_max_tokens, hp.seed)
-        mods = [spec.down_proj_module(l) for l in missing]
-        fresh = second_moments(model, seqs, mods, {spec.down_proj_module(l): biases[l] for l in missing},
-                               tok.pad_token_id, out)
-        for l, m in zip(missing, mods):
-            g[l] = fresh[m]
-            store_cached(keys[l], fresh[m])
-    return g, corpus_digest
+    keyid: str = ""
 
 
 def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
@@ -123,17 +57,23 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     import torch
 
     from . import edit, manifest
-    from .arch import num_layers
+    from .arch import num_layers, resolve_layers
     from .checkpoint import check_out, load_model, open_checkpoint, write_checkpoint
+    from .keys import load_signing_key
     from .requests import load_requests
-    from .text import encode_target
-    from .verify import probe, token_ranks
+    from .stats import collect_stats
+    from .text import encode_target, neutral_ids
+    from .probes import probe, token_ranks
 
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     requests = load_requests(opts.forget)
     ckpt = open_checkpoint(opts.model)
     check_out(ckpt, opts.out, opts.force)  # refuse before any expensive work
+    key = opts.signer or load_signing_key(opts.key)
+    receipt = opts.receipt or opts.out.parent / f"{opts.out.name}.zu-receipt.json"
+    if receipt.resolve().is_relative_to(opts.out.resolve()):
+        raise UsageError(f"--receipt {receipt}: inside --out; the salt must stay with the operator")
     spec = ckpt.spec
     layers, how = resolve_layers(opts.layers, spec, ckpt.config, num_layers(spec, ckpt.config))
     model, tok = load_model(ckpt, opts.device_map, opts.max_memory, opts.offload_dir, opts.dtype)
@@ -209,14 +149,129 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
         else {"count": n, "commitments": commits, "plaintext": [r.canonical() for r in requests]},
         "probes": {"recalled_before": sum(b.top1 for b in before), "recalled_after": sum(a.top1 for a in after),
                    "neutral_top1_after": sum(r == 0 for r in ranks), "total": n},
-        "signed": False,
     }
     write_checkpoint(ckpt, opts.out, edited, force=opts.force,
-                     finalize=lambda tmp: manifest.write_manifest(tmp, predicate))
-    receipt = opts.receipt or opts.out.parent / f"{opts.out.name}.zu-receipt.json"
+                     finalize=lambda tmp: manifest.write_manifest(tmp, predicate, key))
     manifest.write_receipt(receipt, salt, commits)
     t["write"] = time.perf_counter() - t0
     return UnlearnResult(out=opts.out, layers=layers, layers_how=how,
                          updates=[{"layer": u.layer, "name": u.name, "rel_change": u.rel_change, "cond": u.cond,
                                    "directions": u.rank} for u in ups],
-                         requests=per_req, timings={k: round(v, 2) for k, v in t.items()}, receipt=receipt)
+                         requests=per_req, timings={k: round(v, 2) for k, v in t.items()}, receipt=receipt,
+                         keyid=key.keyid)
+
+
+@dataclass
+class VerifyOptions:
+    """What ``zu verify`` was asked to do."""
+
+    model: Path
+    forget: Path | None = None
+    public_key: Path | None = None
+    require_key: bool = False
+    baseline: Path | None = None
+    retain: Path | None = None
+    text: Path | None = None
+    deep: bool = False
+    criteria: Any = None  # verify.Criteria; None = defaults
+    device_map: str = "auto"
+    dtype: str = "auto"
+
+
+def _read_text(path: Path | None) -> str:
+    from importlib import resources
+
+    from .errors import InputFileError
+
+    if path is None:
+        return resources.files("zu_cli.data").joinpath("fluency.txt").read_text(encoding="utf-8")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"--text {path}: cannot read ({exc})") from exc
+
+
+def run_verify(opts: VerifyOptions, out: Output):
+    """Integrity of the manifest first (when there is one), then the probes (when ``--forget`` is given).
+
+    Returns:
+        A VerifyReport; its ``exit_code`` is 4 on an integrity failure (probes are then skipped),
+        1 when a probe fails, else 0.
+
+    Raises:
+        ZuError subclasses for bad input (2) or an unreadable checkpoint (3).
+    """
+    import gc
+
+    from . import manifest
+    from .checkpoint import load_model, open_checkpoint
+    from .keys import load_public_key
+    from .requests import load_requests
+    from .verify import Criteria, VerifyReport, deep_report, judge, measure, metrics
+
+    crit = opts.criteria or Criteria()
+    pub = load_public_key(opts.public_key) if opts.public_key else None
+    requests = load_requests(opts.forget) if opts.forget else []
+    retain = load_requests(opts.retain) if opts.retain else []
+    report = VerifyReport(model=str(opts.model))
+    has_manifest = (opts.model / manifest.ENVELOPE).exists() or (opts.model / manifest.MANIFEST).exists()
+    if has_manifest or opts.forget is None or pub is not None or opts.require_key:
+        report.integrity = manifest.check_integrity(opts.model, pub, opts.require_key)
+        report.warnings += report.integrity.warnings
+        if not report.integrity.ok or opts.forget is None:
+            return report
+    else:
+        report.warnings.append(f"{opts.model}: no zu manifest; integrity not checked")
+    text = _read_text(opts.text) if (opts.text or opts.baseline) else None
+    measured = {}
+    for role, path in (("after", opts.model), ("base", opts.baseline)):
+        if path is None:
+            continue
+        ckpt = open_checkpoint(path)
+        model, tok = load_model(ckpt, opts.device_map, None, None, opts.dtype)
+        out.info(f"probing {path} ({len(requests)} requests, {len(retain)} retained facts)")
+        measured[role] = measure(model, tok, ckpt.spec, requests, retain, text, opts.deep, crit)
+        del model  # one model in memory at a time
+        gc.collect()
+    after, base = measured["after"], measured.get("base")
+    report.requests, report.retain = judge(requests, retain, after, base, crit, out)
+    report.metrics = metrics(after, base, crit)
+    if opts.deep:
+        report.deep = deep_report(requests, after, base, crit, out)
+    return report
+
+
+def read_manifest(model: Path) -> dict[str, Any]:
+    """The statement in ``model/zu-manifest.json`` (not verified).
+
+    Raises:
+        IntegrityError: missing or not JSON (exit 4).
+    """
+    import json
+
+    from .errors import IntegrityError
+    from .manifest import MANIFEST
+
+    try:
+        return json.loads((Path(model) / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise IntegrityError(f"{Path(model) / MANIFEST}: cannot read the manifest ({type(exc).__name__})") from exc
+
+
+def run_prove(model: Path, receipt: Path, forget: Path, out: Output) -> list[dict[str, Any]]:
+    """Which requests in ``forget`` the edit in ``model`` covered, shown redacted unless ``--reveal``.
+
+    Raises:
+        IntegrityError: the manifest does not verify or the receipt is another edit's (exit 4).
+    """
+    from . import manifest
+    from .requests import load_requests
+
+    report = manifest.check_integrity(Path(model))
+    if not report.ok:
+        from .errors import IntegrityError
+
+        raise IntegrityError(report.problems[0])
+    requests = load_requests(forget)
+    rows = manifest.prove(read_manifest(model), receipt, requests)
+    return [{**row, "tag": out.redact(r.target, r.id)} for row, r in zip(rows, requests)]

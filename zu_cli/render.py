@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
@@ -51,3 +52,108 @@ def render_demo(res, out: Output) -> None:
     out.err.print(table)
     out.err.print(f"forgotten {res.forgotten}/{res.n_forget}; other facts kept {res.kept}/{res.n_keep}; "
                   f"model {res.model_dir} ({'cached' if res.cached else f'trained in {res.train_seconds:.0f}s'})")
+
+
+def render_verify(report, out: Output, junit: Path | None = None) -> None:
+    """Show a VerifyReport (table or JSON) and write the JUnit file when asked."""
+    if junit is not None:
+        write_junit(report, junit)
+    if out.json_mode:
+        out.emit_json(report.to_json())
+        return
+    integ = report.integrity
+    if integ is not None:
+        state = "[green]intact[/green]" if integ.ok else "[red]FAILED[/red]"
+        out.err.print(f"integrity: {state}; signer {integ.keyid or '?'}"
+                      f"{' (pinned)' if integ.pinned else ''}; {integ.files} files, {integ.tensors} edited tensors "
+                      "checked")
+        for p in integ.problems:
+            out.err.print(f"  [red]x[/red] {p}")
+    for w in report.warnings:
+        out.warn(w)
+    if report.requests or report.retain:
+        table = Table(title=f"zu verify {report.model}")
+        for col in ("probe", "result", "detail", "rank", "base rank"):
+            table.add_column(col)
+        for p in report.all_probes():
+            res = "[dim]skip[/dim]" if p.passed is None else "[green]pass[/green]" if p.passed else "[red]FAIL[/red]"
+            table.add_row(p.name, res, p.detail + (f" | {p.text}" if p.text else ""),
+                          "" if p.rank is None else str(p.rank), "" if p.base_rank is None else str(p.base_rank))
+        out.err.print(table)
+    m = report.metrics
+    if m:
+        cols = [k for k in ("before", "after") if k in m]
+        t = Table(title="% still top-1, perplexity")
+        t.add_column("metric")
+        for c in cols:
+            t.add_column(c)
+        for k in ("Eff", "Gen", "Spe", "PPL"):
+            t.add_row(k, *[str(m[c][k]) for c in cols])
+        out.err.print(t)
+    if report.deep:
+        d = report.deep
+        out.err.print(f"logit lens: targets decodable (rank < {d['k']}) per layer, after: {d['decodable_after']}"
+                      + (f"; before: {d['decodable_before']}" if d["decodable_before"] else ""))
+    s = report.to_json()["summary"]
+    if s["probes"]:
+        out.err.print(f"[bold]{s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped[/bold]")
+
+
+def write_junit(report, path: Path) -> None:
+    """JUnit XML, one test case per probe (names carry no sensitive text unless --reveal filled ``text``)."""
+    import xml.etree.ElementTree as ET
+
+    probes = report.all_probes()
+    integ = report.integrity
+    suite = ET.Element("testsuite", name="zu verify", tests=str(len(probes) + (integ is not None)),
+                       failures=str(sum(p.passed is False for p in probes) + (integ is not None and not integ.ok)),
+                       skipped=str(sum(p.passed is None for p in probes)))
+    if integ is not None:
+        case = ET.SubElement(suite, "testcase", classname="integrity", name="manifest")
+        if not integ.ok:
+            ET.SubElement(case, "failure", message=integ.problems[0]).text = "\n".join(integ.problems)
+    for p in probes:
+        case = ET.SubElement(suite, "testcase", classname=p.kind, name=p.name)
+        if p.passed is False:
+            ET.SubElement(case, "failure", message=p.detail)
+        elif p.passed is None:
+            ET.SubElement(case, "skipped", message=p.detail)
+        if p.text:
+            ET.SubElement(case, "system-out").text = p.text
+    tmp = path.with_name(f".{path.name}.tmp")
+    ET.ElementTree(suite).write(tmp, encoding="utf-8", xml_declaration=True)
+    tmp.replace(path)
+
+
+def render_manifest(stmt: dict[str, Any], out: Output) -> None:
+    """A readable summary of a manifest statement."""
+    if out.json_mode:
+        out.emit_json(stmt)
+        return
+    p = stmt.get("predicate", {})
+    e, signer = p.get("edit", {}), p.get("signer", {})
+    out.err.print(f"[bold]zu edit manifest[/bold] ({stmt.get('predicateType')}) - not verified here; "
+                  "run `zu verify --model DIR` to check it")
+    out.err.print(f"signer: {signer.get('algorithm')} key {signer.get('keyid')}")
+    out.err.print(f"source: {p.get('source', {}).get('path_name')} ({len(p.get('source', {}).get('files', {}))} files)")
+    out.err.print("versions: " + ", ".join(f"{k} {v}" for k, v in p.get("versions", {}).items()))
+    out.err.print(f"edit: {e.get('variant')} on layers {e.get('layers')} ({e.get('layers_chosen_by')}), "
+                  f"neutral {e.get('neutral')}, seed {e.get('seed')}, statistics {e.get('stats_corpus', {})}")
+    out.err.print("edited tensors:")
+    for t in p.get("tensors", []):
+        out.err.print(f"  {t['name']}  {'x'.join(map(str, t['shape']))} {t['dtype']}  "
+                      f"||dW||/||W|| {t['rel_change']:.4g}  sha256 {t['sha256_after'][:16]}…", soft_wrap=True)
+    r, pr = p.get("requests", {}), p.get("probes", {})
+    out.err.print(f"requests: {r.get('count')} (salted commitments{'; plaintext included' if 'plaintext' in r else ''})"
+                  f"; recalled before {pr.get('recalled_before')}, after {pr.get('recalled_after')}, "
+                  f"neutral top-1 after {pr.get('neutral_top1_after')}")
+    out.err.print(f"files: {len(stmt.get('subject', []))} listed with sha256")
+
+
+def render_prove(rows: list[dict[str, Any]], out: Output) -> None:
+    """Membership of each request in the edit."""
+    if out.json_mode:
+        out.emit_json({"requests": rows, "all_included": all(r["in_manifest"] for r in rows)})
+        return
+    for r in rows:
+        out.err.print(f"{r['tag']}: {'[green]part of this edit[/green]' if r['in_manifest'] else '[red]NOT part of this edit[/red]'}")

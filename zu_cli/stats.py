@@ -6,9 +6,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .config import Hyper
 from .console import Output
 from .errors import InputFileError
 from .hooks import TraceDict
@@ -149,3 +151,31 @@ def store_cached(key: str, g: torch.Tensor) -> None:
     tmp = d / f".{key}.{os.getpid()}.tmp"
     save_file({"G": g.contiguous()}, tmp)
     os.replace(tmp, d / f"{key}.safetensors")
+
+
+def collect_stats(model, tok, spec, layers, biases, hp: Hyper, corpus: str | None, source: str,
+                  out: Output) -> tuple[dict[int, Any], str]:
+    """G per edited layer from the cache, or from one pass over the corpus for every missing layer.
+
+    Returns:
+        (layer -> G, digest naming the corpus and its settings).
+    """
+    seqs = None
+    if corpus is not None:  # a file's digest is only known once read (cheap next to a model pass)
+        seqs, corpus_digest = corpus_tokens(model, tok, corpus, hp.stats_samples, hp.stats_len,
+                                            hp.stats_max_tokens, hp.seed)
+    else:
+        corpus_digest = samples_digest(hp.stats_samples, hp.stats_len, hp.seed)
+    keys = {l: stats_key(source, spec.down_proj_module(l), corpus_digest) for l in layers}
+    g = {l: c for l in layers if (c := load_cached(keys[l])) is not None}
+    missing = [l for l in layers if l not in g]
+    if missing:
+        if seqs is None:
+            seqs, _ = corpus_tokens(model, tok, None, hp.stats_samples, hp.stats_len, hp.stats_max_tokens, hp.seed)
+        mods = [spec.down_proj_module(l) for l in missing]
+        fresh = second_moments(model, seqs, mods, {spec.down_proj_module(l): biases[l] for l in missing},
+                               tok.pad_token_id, out)
+        for l, m in zip(missing, mods):
+            g[l] = fresh[m]
+            store_cached(keys[l], fresh[m])
+    return g, corpus_digest

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UsageError
+
 
 def input_device(model: torch.nn.Module) -> torch.device:
     """Device to put input ids on (accelerate's hooks move activations between devices after that)."""
@@ -103,3 +105,21 @@ def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int, generat
                     use_cache=True, logits_to_keep=1)
     gen = torch.cat(new, dim=1).tolist()
     return [e + g for e, g in zip(enc, gen)]
+
+
+def neutral_ids(tok, requests: list, default: str) -> list[list[int]]:
+    """Token ids of each request's neutral target (``eos`` = the tokenizer's EOS).
+
+    Raises:
+        UsageError: ``eos`` asked for but the tokenizer has none (exit 2).
+    """
+    out = []
+    for r in requests:
+        text = r.neutral or default
+        if text.lower() in ("eos", "<eos>"):
+            if tok.eos_token_id is None:
+                raise UsageError("--neutral eos: the tokenizer has no EOS token", hint="pass --neutral TEXT")
+            out.append([tok.eos_token_id])
+        else:
+            out.append(encode_target(tok, text))
+    return out

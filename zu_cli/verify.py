@@ -1,101 +1,223 @@
-"""Probes: does the model still produce a target? (the CI gate `zu verify` builds on these)."""
+"""`zu verify`: probe a checkpoint for forgotten and kept knowledge, judge it, report (design §4).
+
+A model is measured once (``measure``); the verdicts compare those numbers with the criteria and,
+with ``--baseline``, with the base model's numbers (``judge``).
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-import torch
-
-from .text import encode, encode_target, input_device, left_pad
-
-BATCH = 32
+from .console import Output, short_hash
+from .errors import EXIT_INTEGRITY, EXIT_OK, EXIT_VERIFY_FAILED, IntegrityError, VerificationFailed
+from .probes import Probe, greedy, lens_ranks, perplexity, probe, says
 
 
 @dataclass(frozen=True)
-class Probe:
-    """Result of one (prompt, target) probe.
+class Criteria:
+    """Pass criteria (docs/verify.md).
 
     Attributes:
-        top1: the target's first token is the most likely next token.
-        rank: rank of that token (0 = top-1).
-        prob_first: its probability.
-        prob: probability of the whole target sequence (teacher forced).
+        max_rank: a forgotten target still counts as recalled when its first token ranks at most
+            this (0 = top-1 only).
+        max_prob: ... or when the whole target's probability after the prompt exceeds this.
+        max_ppl_ratio: perplexity after / before allowed (needs ``--baseline``).
+        extra_tokens: greedy continuation length beyond the target's own token count.
+        deep_k: the logit lens calls a target decodable when it ranks below this.
     """
 
-    top1: bool
-    rank: int
-    prob_first: float
-    prob: float
+    max_rank: int = 0
+    max_prob: float = 0.25
+    max_ppl_ratio: float = 1.05
+    extra_tokens: int = 4
+    deep_k: int = 10
+
+    def recalled(self, p: Probe) -> bool:
+        """A forgotten target is still there."""
+        return p.rank <= self.max_rank or p.prob > self.max_prob
 
 
-@torch.no_grad()
-def probe(model, tok, queries: list[tuple[str, str]]) -> list[Probe]:
-    """Score (prompt, target) pairs; targets continue the prompt after a space (ROME convention).
+@dataclass
+class Measure:
+    """One model's numbers on a request set (no verdicts)."""
+
+    forget: list[Probe]
+    continuation: list[str]
+    para: list[list[Probe]]
+    nbr: list[list[Probe]]
+    retain: list[Probe]
+    ppl: float | None = None
+    lens: list[list[int]] | None = None
+
+
+def measure(model, tok, spec, requests: list, retain: list, text: str | None, deep: bool, crit: Criteria) -> Measure:
+    """Every probe of ``zu verify`` on one model, batched by kind.
 
     Args:
-        model: the causal LM (hooks in place are honoured).
-        tok: its tokenizer.
-        queries: (prompt, target text) pairs.
-
-    Returns:
-        One Probe per query, in order.
+        model, tok, spec: the loaded model, its tokenizer, its architecture data.
+        requests: forget requests (their paraphrases and neighbours are probed too).
+        retain: requests whose targets must be kept.
+        text: prose for perplexity, or None.
+        deep: run the logit lens.
+        crit: the criteria (greedy length).
     """
-    dev = input_device(model)
-    enc = [(encode(tok, p), encode_target(tok, t)) for p, t in queries]
-    res: list[Probe | None] = [None] * len(enc)
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
-    for b in range(0, len(order), BATCH):
-        idx = order[b:b + BATCH]
-        batch = left_pad([enc[i][0] + enc[i][1] for i in idx], tok.pad_token_id, dev)
-        keep = max(len(enc[i][1]) for i in idx) + 1
-        logp = model(**batch.kwargs(), logits_to_keep=keep).logits.float().log_softmax(-1).cpu()
-        for row, i in enumerate(idx):
-            t = enc[i][1]
-            start = keep - len(t) - 1  # the kept position predicting the first target token
-            first = logp[row, start]
-            rank = int((first > first[t[0]]).sum())
-            lp = sum(float(logp[row, start + j, t[j]]) for j in range(len(t)))
-            res[i] = Probe(top1=rank == 0, rank=rank, prob_first=math.exp(float(first[t[0]])), prob=math.exp(lp))
-    return res  # type: ignore[return-value]
+    from .text import encode_target
+
+    q = [(r.prompt, r.target) for r in requests]
+    flat_p = [(p, r.target) for r in requests for p in r.paraphrases]
+    flat_n = [(n.prompt, n.target) for r in requests for n in r.neighbors]
+    pp, nn = probe(model, tok, flat_p), probe(model, tok, flat_n)
+
+    def split(flat, sizes):
+        out, i = [], 0
+        for s in sizes:
+            out.append(flat[i:i + s])
+            i += s
+        return out
+
+    return Measure(
+        forget=probe(model, tok, q),
+        continuation=greedy(model, tok, [r.prompt for r in requests],
+                            [len(encode_target(tok, r.target)) + crit.extra_tokens for r in requests]),
+        para=split(pp, [len(r.paraphrases) for r in requests]),
+        nbr=split(nn, [len(r.neighbors) for r in requests]),
+        retain=probe(model, tok, [(r.prompt, r.target) for r in retain]),
+        ppl=perplexity(model, tok, text) if text else None,
+        lens=lens_ranks(model, tok, spec, [r.prompt for r in requests], [r.target for r in requests]) if deep
+        else None)
 
 
-@torch.no_grad()
-def last_logits(model, tok, prompts: list[str]) -> torch.Tensor:
-    """Next-token logits after each prompt, (len(prompts), vocab) float32 on CPU."""
-    dev = input_device(model)
-    out = []
-    for b in range(0, len(prompts), BATCH):
-        batch = left_pad([encode(tok, p) for p in prompts[b:b + BATCH]], tok.pad_token_id, dev)
-        out.append(model(**batch.kwargs(), logits_to_keep=1).logits[:, -1].float().cpu())
-    return torch.cat(out)
+@dataclass
+class ProbeResult:
+    """One verdict (one JUnit test case). ``passed`` None = skipped (e.g. the base model never knew it)."""
+
+    name: str
+    kind: str
+    passed: bool | None
+    detail: str
+    rank: int | None = None
+    prob: float | None = None
+    base_rank: int | None = None
+    text: str | None = None  # sensitive: only filled with --reveal
 
 
-def token_ranks(model, tok, prompts: list[str], token_ids: list[list[int]]) -> list[int]:
-    """Rank of the first of ``token_ids[i]`` as the next token after ``prompts[i]`` (0 = top-1)."""
-    logits = last_logits(model, tok, prompts)
-    return [int((row > row[ids[0]]).sum()) for row, ids in zip(logits, token_ids)]
+@dataclass
+class VerifyReport:
+    """Everything ``zu verify`` found; ``exit_code`` follows design §4."""
+
+    model: str
+    integrity: Any = None  # manifest.IntegrityReport or None when there is no manifest to check
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    retain: list[ProbeResult] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    deep: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def all_probes(self) -> list[ProbeResult]:
+        """Every verdict, in report order."""
+        return [p for r in self.requests for p in r["probes"]] + self.retain + self.metrics.get("gates", [])
+
+    @property
+    def exit_code(self) -> int:
+        """4 integrity failure, 1 a failed probe, else 0."""
+        if self.integrity is not None and not self.integrity.ok:
+            return EXIT_INTEGRITY
+        return EXIT_VERIFY_FAILED if any(p.passed is False for p in self.all_probes()) else EXIT_OK
+
+    def raise_for_status(self) -> None:
+        """Raise the error matching ``exit_code`` (the CLI turns it into the message and the code)."""
+        if self.exit_code == EXIT_INTEGRITY:
+            probs = self.integrity.problems
+            more = f" (and {len(probs) - 1} more)" if len(probs) > 1 else ""
+            raise IntegrityError(probs[0] + more, hint="see `zu verify --json` for every problem")
+        if self.exit_code == EXIT_VERIFY_FAILED:
+            failed = [p.name for p in self.all_probes() if p.passed is False]
+            raise VerificationFailed(f"{len(failed)} probe(s) failed: {', '.join(failed[:5])}"
+                                     + (" ..." if len(failed) > 5 else ""))
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document (docs/verify.md)."""
+        probes = self.all_probes()
+        return {"model": self.model, "exit_code": self.exit_code,
+                "integrity": None if self.integrity is None else asdict(self.integrity),
+                "requests": [{**r, "probes": [asdict(p) for p in r["probes"]]} for r in self.requests],
+                "retain": [asdict(p) for p in self.retain],
+                "metrics": {k: v for k, v in self.metrics.items() if k != "gates"},
+                "gates": [asdict(p) for p in self.metrics.get("gates", [])],
+                "deep": self.deep, "warnings": self.warnings,
+                "summary": {"probes": len(probes), "passed": sum(p.passed is True for p in probes),
+                            "failed": sum(p.passed is False for p in probes),
+                            "skipped": sum(p.passed is None for p in probes)}}
 
 
-@torch.no_grad()
-def perplexity(model, tok, text: str, chunk: int = 256) -> float:
-    """exp(mean NLL) over non-overlapping ``chunk``-token pieces of ``text``."""
-    dev = input_device(model)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    pieces = [ids[i:i + chunk] for i in range(0, len(ids), chunk)]
-    pieces = [p for p in pieces if len(p) > 1]
-    nll, count = 0.0, 0
-    for b in range(0, len(pieces), 8):
-        batch = left_pad(pieces[b:b + 8], tok.pad_token_id, dev)
-        logp = model(**batch.kwargs()).logits.float().log_softmax(-1).cpu()
-        ids_b, mask = batch.ids.cpu(), batch.mask.cpu().bool()
-        lp = logp[:, :-1].gather(-1, ids_b[:, 1:, None])[..., 0]
-        m = mask[:, :-1] & mask[:, 1:]
-        nll -= float(lp[m].sum())
-        count += int(m.sum())
-    return math.exp(nll / max(count, 1))
+def _kept(name: str, kind: str, p: Probe, b: Probe | None) -> ProbeResult:
+    if b is not None and not b.top1:
+        return ProbeResult(name, kind, None, "base model did not answer it either", p.rank, p.prob, b.rank)
+    return ProbeResult(name, kind, p.top1, "still answered" if p.top1 else f"lost: rank {p.rank}",
+                       p.rank, p.prob, b.rank if b else None)
 
 
-def next_tokens(model, tok, prompts: list[str]) -> list[int]:
-    """The greedy next token after each prompt."""
-    return last_logits(model, tok, prompts).argmax(-1).tolist()
+def _gone(name: str, kind: str, p: Probe, b: Probe | None, crit: Criteria) -> ProbeResult:
+    rec = crit.recalled(p)
+    return ProbeResult(name, kind, not rec, f"recalled: rank {p.rank}, p={p.prob:.3g}" if rec
+                       else f"forgotten: rank {p.rank}, p={p.prob:.3g}", p.rank, p.prob, b.rank if b else None)
+
+
+def judge(requests: list, retain: list, after: Measure, base: Measure | None, crit: Criteria,
+          out: Output) -> tuple[list[dict[str, Any]], list[ProbeResult]]:
+    """Verdicts per request (forget, greedy, paraphrases, neighbours) and per retained fact.
+
+    Names are ``<id>#<hash of target>/<probe>``: no sensitive text unless ``out.reveal``.
+    """
+    rows = []
+    for i, r in enumerate(requests):
+        tag = f"{r.id}{short_hash(r.target)}"
+        b = base  # short name: used on every probe below
+        probes = [_gone(f"{tag}/forget", "forget", after.forget[i], b.forget[i] if b else None, crit)]
+        said = says(after.continuation[i], r.target)
+        probes.append(ProbeResult(f"{tag}/greedy", "greedy", not said, "greedy text still says the target" if said
+                                  else "greedy text does not say the target",
+                                  text=after.continuation[i] if out.reveal else None))
+        probes += [_gone(f"{tag}/paraphrase-{j + 1}", "paraphrase", p, b.para[i][j] if b else None, crit)
+                   for j, p in enumerate(after.para[i])]
+        probes += [_kept(f"{tag}/neighbor-{j + 1}", "neighbor", p, b.nbr[i][j] if b else None)
+                   for j, p in enumerate(after.nbr[i])]
+        if out.reveal:
+            for p in probes:
+                p.text = p.text or r.prompt
+        rows.append({"id": r.id, "tag": out.redact(r.target, r.id), "passed": all(p.passed is not False
+                                                                              for p in probes), "probes": probes})
+    kept = [_kept(f"{r.id}{short_hash(r.target)}/retain", "retain", p, base.retain[i] if base else None)
+            for i, (r, p) in enumerate(zip(retain, after.retain))]
+    return rows, kept
+
+
+def metrics(after: Measure, base: Measure | None, crit: Criteria) -> dict[str, Any]:
+    """Efficacy / Generalization / Specificity (% still top-1) and perplexity, after and (with a baseline) before."""
+    pct = lambda xs: round(100 * sum(xs) / len(xs), 1) if xs else None
+
+    def of(m: Measure) -> dict[str, Any]:
+        return {"Eff": pct([p.top1 for p in m.forget]), "Gen": pct([p.top1 for g in m.para for p in g]),
+                "Spe": pct([p.top1 for g in m.nbr for p in g]), "PPL": None if m.ppl is None else round(m.ppl, 3)}
+
+    doc: dict[str, Any] = {"after": of(after), "gates": []}
+    if base is not None:
+        doc["before"] = of(base)
+        spe_b = doc["before"]["Spe"]
+        doc["spe_retained"] = round(doc["after"]["Spe"] / spe_b, 3) if spe_b else None
+        if after.ppl is not None and base.ppl is not None:
+            ratio = after.ppl / base.ppl
+            doc["ppl_ratio"] = round(ratio, 4)
+            doc["gates"].append(ProbeResult("perplexity", "perplexity", ratio <= crit.max_ppl_ratio,
+                                            f"ratio {ratio:.4f} (limit {crit.max_ppl_ratio})"))
+    return doc
+
+
+def deep_report(requests: list, after: Measure, base: Measure | None, crit: Criteria, out: Output) -> dict[str, Any]:
+    """Per layer: how many targets are still decodable (rank < k) from the residual stream, and the ranks."""
+    def count(m: Measure) -> list[int]:
+        return [sum(ranks[l] < crit.deep_k for ranks in m.lens) for l in range(len(m.lens[0]))] if m.lens else []
+
+    return {"k": crit.deep_k, "decodable_after": count(after), "decodable_before": count(base) if base else None,
+            "ranks": {out.redact(r.target, r.id): ranks for r, ranks in zip(requests, after.lens or [])}}
