@@ -61,8 +61,8 @@ def unlearn(
     model: Path = typer.Option(..., "--model", help="Input checkpoint directory (never modified)."),
     forget: Path = typer.Option(..., "--forget", help="Forget requests: .jsonl or .yaml (docs/requests.md)."),
     out: Path = typer.Option(..., "--out", help="Output checkpoint directory (written atomically)."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Layers to edit, e.g. 17,18,19 (default: the "
-                                         "architecture's window)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Layers to edit, e.g. 17,18,19, or 'auto' (causal "
+                                         "tracing, as zu locate); default: the architecture's window."),
     neutral: str = typer.Option("eos", "--neutral", help="Neutral target: 'eos' or any text."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of hyperparameters (docs/method.md)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for templates, statistics and rounding."),
@@ -129,6 +129,37 @@ def keygen(
     else:
         output.err.print(f"private key {priv} (mode 0600; keep it secret)\npublic key  {pub} (publish it; pin it "
                          f"with `zu verify --public-key`)\nfingerprint {fp}")
+
+
+@app.command()
+@handled
+def locate(
+    model: Path = typer.Option(..., "--model", help="Checkpoint to trace."),
+    forget: Path = typer.Option(..., "--forget", help="Requests (with subjects) whose facts to locate."),
+    num_layers: int = typer.Option(3, "--num-layers", help="Width of the suggested window of consecutive layers."),
+    samples: int = typer.Option(5, "--samples", help="Noise samples per request."),
+    window: int = typer.Option(1, "--window", help="Layers restored together around each scored layer."),
+    kind: str = typer.Option("mlp", "--kind", help="What is restored: mlp (MLP output at the subject's last token) "
+                             "or hidden (residual stream entering the layer, at the subject tokens)."),
+    seed: int = typer.Option(0, "--seed", help="Noise seed."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG heatmap (needs the zu-cli[plot] extra)."),
+    device_map: str = typer.Option("auto", "--device-map", help="auto, cpu, cuda, balanced or FILE.json."),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto, float32, bfloat16, float16."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    reveal: bool = typer.Option(False, "--reveal", help="Show request targets instead of id + hash."),
+) -> None:
+    """Causal tracing: which layers recall the facts, and the window `--layers auto` would edit."""
+    from .locate import TraceSettings
+    from .pipeline import LocateOptions, run_locate
+    from .render import check_plot, render_locate
+
+    if plot is not None:
+        check_plot()  # fail before the tracing, not after
+    output = Output(json_mode=json_out, reveal=reveal)
+    st = TraceSettings(samples=samples, window=window, kind=kind, seed=seed)
+    scores, cached = run_locate(LocateOptions(model=model, forget=forget, num_layers=num_layers, settings=st,
+                                              device_map=device_map, dtype=dtype), output)
+    render_locate(scores, cached, output, plot)
 
 
 manifest_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +75,22 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     if receipt.resolve().is_relative_to(opts.out.resolve()):
         raise UsageError(f"--receipt {receipt}: inside --out; the salt must stay with the operator")
     spec = ckpt.spec
-    layers, how = resolve_layers(opts.layers, spec, ckpt.config, num_layers(spec, ckpt.config))
+    n_layers = num_layers(spec, ckpt.config)
+    auto = (opts.layers or "").strip().lower() == "auto"
+    layers, how = resolve_layers(None if auto else opts.layers, spec, ckpt.config, n_layers)
     model, tok = load_model(ckpt, opts.device_map, opts.max_memory, opts.offload_dir, opts.dtype)
     targets_neutral = neutral_ids(tok, requests, opts.neutral)
     source_digests = manifest.dir_digests(ckpt.path)
     source = manifest.sha256_file_list(source_digests)
+    located = None
+    if auto:
+        from .locate import TraceSettings, locate
+
+        scores, _ = locate(model, tok, spec, n_layers, requests, TraceSettings(seed=hp.seed), len(layers), source,
+                           out)
+        layers, how = scores.window, "auto (causal tracing)"
+        located = {"effect": [round(e, 5) for e in scores.effect], "window": scores.window,
+                   "settings": asdict(TraceSettings(seed=hp.seed)), "requests_traced": len(scores.requests)}
     raw, weights, biases = {}, {}, {}
     for l in layers:
         raw[l] = ckpt.read_tensor(spec.down_proj_weight(l))  # as stored: hashed for the manifest
@@ -140,7 +151,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
                  "hyperparameters": hp.to_dict(), "seed": hp.seed, "context_templates": len(templates),
                  "stats_corpus": {"source": "file" if opts.stats_corpus else "model-samples",
                                   "digest": corpus_digest},
-                 "neutral_target_prob_min": round(float(z_prob.min()), 4)},
+                 "neutral_target_prob_min": round(float(z_prob.min()), 4), "locate": located},
         "tensors": [{"name": u.name, "shape": list(edited[u.name].shape), "dtype": str(edited[u.name].dtype),
                      "sha256_before": manifest.sha256_tensor(raw[u.layer]),
                      "sha256_after": manifest.sha256_tensor(edited[u.name]), "rel_change": round(u.rel_change, 6)}
@@ -178,19 +189,6 @@ class VerifyOptions:
     dtype: str = "auto"
 
 
-def _read_text(path: Path | None) -> str:
-    from importlib import resources
-
-    from .errors import InputFileError
-
-    if path is None:
-        return resources.files("zu_cli.data").joinpath("fluency.txt").read_text(encoding="utf-8")
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputFileError(f"--text {path}: cannot read ({exc})") from exc
-
-
 def run_verify(opts: VerifyOptions, out: Output):
     """Integrity of the manifest first (when there is one), then the probes (when ``--forget`` is given).
 
@@ -206,6 +204,7 @@ def run_verify(opts: VerifyOptions, out: Output):
     from . import manifest
     from .checkpoint import load_model, open_checkpoint
     from .keys import load_public_key
+    from .probes import read_text
     from .requests import load_requests
     from .verify import Criteria, VerifyReport, deep_report, judge, measure, metrics
 
@@ -222,7 +221,7 @@ def run_verify(opts: VerifyOptions, out: Output):
             return report
     else:
         report.warnings.append(f"{opts.model}: no zu manifest; integrity not checked")
-    text = _read_text(opts.text) if (opts.text or opts.baseline) else None
+    text = read_text(opts.text) if (opts.text or opts.baseline) else None
     measured = {}
     for role, path in (("after", opts.model), ("base", opts.baseline)):
         if path is None:
@@ -275,3 +274,42 @@ def run_prove(model: Path, receipt: Path, forget: Path, out: Output) -> list[dic
     requests = load_requests(forget)
     rows = manifest.prove(read_manifest(model), receipt, requests)
     return [{**row, "tag": out.redact(r.target, r.id)} for row, r in zip(rows, requests)]
+
+
+@dataclass
+class LocateOptions:
+    """What ``zu locate`` was asked to do."""
+
+    model: Path
+    forget: Path
+    num_layers: int = 3
+    settings: Any = None  # locate.TraceSettings; None = defaults
+    device_map: str = "auto"
+    dtype: str = "auto"
+
+
+def run_locate(opts: LocateOptions, out: Output):
+    """Causal tracing of the requests on the checkpoint; the suggested window of ``num_layers`` layers.
+
+    Returns:
+        (LayerScores with a redacted ``tag`` per request, whether they came from the cache).
+    """
+    from . import manifest
+    from .arch import num_layers
+    from .checkpoint import load_model, open_checkpoint
+    from .locate import TraceSettings, locate
+    from .requests import load_requests
+
+    requests = load_requests(opts.forget)
+    ckpt = open_checkpoint(opts.model)
+    n_layers = num_layers(ckpt.spec, ckpt.config)
+    if not 1 <= opts.num_layers <= n_layers:
+        raise UsageError(f"--num-layers {opts.num_layers}: expected 1-{n_layers}")
+    model, tok = load_model(ckpt, opts.device_map, None, None, opts.dtype)
+    source = manifest.sha256_file_list(manifest.dir_digests(ckpt.path))
+    scores, cached = locate(model, tok, ckpt.spec, n_layers, requests, opts.settings or TraceSettings(),
+                            opts.num_layers, source, out)
+    by_id = {r.id: r for r in requests}
+    for q in scores.requests:
+        q["tag"] = out.redact(by_id[q["id"]].target, q["id"])
+    return scores, cached

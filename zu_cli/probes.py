@@ -155,3 +155,22 @@ def lens_ranks(model, tok, spec, prompts: list[str], targets: list[str]) -> list
             t = first[b + row]
             out.append([int((lg[row] > lg[row, t]).sum()) for lg in per_layer])
     return out
+
+
+def read_text(path) -> str:
+    """Prose for perplexity: ``path``, or the bundled text (``zu_cli/data/fluency.txt``) when None.
+
+    Raises:
+        InputFileError: unreadable file (exit 2).
+    """
+    from importlib import resources
+    from pathlib import Path
+
+    from .errors import InputFileError
+
+    if path is None:
+        return resources.files("zu_cli.data").joinpath("fluency.txt").read_text(encoding="utf-8")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"--text {path}: cannot read ({exc})") from exc

@@ -157,3 +157,57 @@ def render_prove(rows: list[dict[str, Any]], out: Output) -> None:
         return
     for r in rows:
         out.err.print(f"{r['tag']}: {'[green]part of this edit[/green]' if r['in_manifest'] else '[red]NOT part of this edit[/red]'}")
+
+
+def check_plot() -> None:
+    """Raise a clear usage error when matplotlib (the ``plot`` extra) is missing."""
+    import importlib.util
+
+    from .errors import UsageError
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib, which is not installed", hint="pip install 'zu-cli[plot]'")
+
+
+def render_locate(scores, cached: bool, out: Output, plot: Path | None = None) -> None:
+    """Per-layer indirect effects as a table with bars (or JSON); optional PNG heatmap."""
+    if plot is not None:
+        write_plot(scores, plot)
+    doc = {"layers": scores.layers, "effect": scores.effect, "recovered": scores.recovered,
+           "window": scores.window, "noise_std": scores.noise_std, "cached": cached,
+           "requests": scores.requests}
+    if out.json_mode:
+        out.emit_json(doc)
+        return
+    top = max(max(scores.effect), 1e-9)
+    table = Table(title="causal tracing: mean indirect effect of restoring each layer")
+    for col in ("layer", "effect", "recovered", ""):
+        table.add_column(col)
+    for l, (e, r) in enumerate(zip(scores.effect, scores.recovered)):
+        bar = "█" * max(0, round(30 * e / top))
+        style = "bold green" if l in scores.window else ""
+        table.add_row(str(l), f"{e:.4f}", f"{100 * r:.0f}%", f"[{style}]{bar}[/{style}]" if style else bar)
+    out.err.print(table)
+    out.err.print(f"suggested window: layers {scores.window} ({len(scores.requests)} requests traced"
+                  f"{', cached' if cached else ''}); use it with `zu unlearn --layers "
+                  f"{','.join(map(str, scores.window))}` or `--layers auto`")
+
+
+def write_plot(scores, path: Path) -> None:
+    """PNG heatmap: requests x layers of the indirect effect, and the mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    rows = [q["effect"] for q in scores.requests] + [scores.effect]
+    labels = [q["tag"] for q in scores.requests] + ["mean"]
+    fig, ax = plt.subplots(figsize=(max(6, scores.layers * 0.3), 1 + 0.3 * len(rows)))
+    im = ax.imshow(rows, aspect="auto", cmap="Purples")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_title(f"indirect effect (suggested window {scores.window})")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
