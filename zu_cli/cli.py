@@ -18,6 +18,11 @@ from . import __version__
 from .console import Output
 from .errors import EXIT_INTERRUPTED, ZuError
 
+# Options several commands share (one definition, one help text).
+DEVICE_MAP = typer.Option("auto", "--device-map", help="auto, cpu, cuda, balanced or FILE.json.")
+DTYPE = typer.Option("auto", "--dtype", help="Compute dtype: auto, float32, bfloat16, float16.")
+JSON_OUT = typer.Option(False, "--json", help="Print one JSON document on stdout.")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Make a Hugging Face causal LM forget specific facts, and prove what it did.")
 
@@ -68,10 +73,10 @@ def unlearn(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for templates, statistics and rounding."),
     stats_corpus: Optional[str] = typer.Option(None, "--stats-corpus", help="Text for the general statistics: "
                                                ".txt, .jsonl or a folder (default: samples from the model)."),
-    device_map: str = typer.Option("auto", "--device-map", help="auto, cpu, cuda, balanced or FILE.json."),
+    device_map: str = DEVICE_MAP,
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help='Per-device budget, e.g. "0=20GiB,cpu=60GiB".'),
     offload_dir: Optional[str] = typer.Option(None, "--offload-dir", help="Folder for weights offloaded to disk."),
-    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto, float32, bfloat16, float16."),
+    dtype: str = DTYPE,
     receipt: Optional[Path] = typer.Option(None, "--receipt", help="Where the commitment receipt goes (default: "
                                            "beside --out, never inside it)."),
     include_requests: bool = typer.Option(False, "--manifest-include-requests",
@@ -79,7 +84,7 @@ def unlearn(
     key: Optional[Path] = typer.Option(None, "--key", help="Private key PEM to sign with (default: $ZU_SIGNING_KEY, "
                                        "else the key `zu keygen` made)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    json_out: bool = JSON_OUT,
     reveal: bool = typer.Option(False, "--reveal", help="Show request targets instead of id + hash."),
 ) -> None:
     """Edit a checkpoint so that it forgets the requested facts; write it with an edit manifest."""
@@ -100,7 +105,7 @@ def unlearn(
 @handled
 def demo(
     facts: int = typer.Option(3, "--facts", help="How many of the synthetic model's facts to forget."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    json_out: bool = JSON_OUT,
 ) -> None:
     """The embedded default: train (or reuse) a tiny fact model, make it forget a few facts, show before/after."""
     from .demo import run_demo
@@ -117,7 +122,7 @@ def keygen(
                                        "user's zu config directory)."),
     kind: str = typer.Option("ed25519", "--type", help="ed25519 or ecdsa-p256."),
     force: bool = typer.Option(False, "--force", help="Replace an existing key pair."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    json_out: bool = JSON_OUT,
 ) -> None:
     """Create the signing key pair that `zu unlearn` signs manifests with."""
     from .keys import keygen as make_key
@@ -143,9 +148,9 @@ def locate(
                              "or hidden (residual stream entering the layer, at the subject tokens)."),
     seed: int = typer.Option(0, "--seed", help="Noise seed."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG heatmap (needs the zu-cli[plot] extra)."),
-    device_map: str = typer.Option("auto", "--device-map", help="auto, cpu, cuda, balanced or FILE.json."),
-    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto, float32, bfloat16, float16."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    device_map: str = DEVICE_MAP,
+    dtype: str = DTYPE,
+    json_out: bool = JSON_OUT,
     reveal: bool = typer.Option(False, "--reveal", help="Show request targets instead of id + hash."),
 ) -> None:
     """Causal tracing: which layers recall the facts, and the window `--layers auto` would edit."""
@@ -174,7 +179,7 @@ def manifest_show(
     json_out: bool = typer.Option(False, "--json", help="Print the statement as JSON on stdout."),
 ) -> None:
     """A readable summary of the manifest (it is not verified: `zu verify` does that)."""
-    from .pipeline import read_manifest
+    from .integrity import read_manifest
     from .render import render_manifest
 
     render_manifest(read_manifest(model), Output(json_mode=json_out))
@@ -186,7 +191,7 @@ def manifest_prove(
     model: Path = typer.Argument(..., help="Checkpoint directory written by `zu unlearn`."),
     receipt: Path = typer.Option(..., "--receipt", help="The receipt `zu unlearn` wrote beside --out."),
     forget: Path = typer.Option(..., "--forget", help="Requests to test for membership (.jsonl or .yaml)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    json_out: bool = JSON_OUT,
     reveal: bool = typer.Option(False, "--reveal", help="Show request targets instead of id + hash."),
 ) -> None:
     """Say which requests were part of the edit (exit 0 when all were, 1 when any was not)."""
@@ -221,9 +226,9 @@ def verify(
     public_key: Optional[Path] = typer.Option(None, "--public-key", help="Pin the signer: its public key PEM."),
     require_key: bool = typer.Option(False, "--require-key", help="Fail (exit 4) unless the signer is pinned."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML, one test case per probe."),
-    device_map: str = typer.Option("auto", "--device-map", help="auto, cpu, cuda, balanced or FILE.json."),
-    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto, float32, bfloat16, float16."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    device_map: str = DEVICE_MAP,
+    dtype: str = DTYPE,
+    json_out: bool = JSON_OUT,
     reveal: bool = typer.Option(False, "--reveal", help="Show prompts, targets and model text instead of id + hash."),
 ) -> None:
     """Check the signed manifest, then probe: exit 0 all pass, 1 a probe failed, 4 integrity failure."""

@@ -203,6 +203,7 @@ def run_verify(opts: VerifyOptions, out: Output):
 
     from . import manifest
     from .checkpoint import load_model, open_checkpoint
+    from .integrity import check_integrity
     from .keys import load_public_key
     from .probes import read_text
     from .requests import load_requests
@@ -215,7 +216,7 @@ def run_verify(opts: VerifyOptions, out: Output):
     report = VerifyReport(model=str(opts.model))
     has_manifest = (opts.model / manifest.ENVELOPE).exists() or (opts.model / manifest.MANIFEST).exists()
     if has_manifest or opts.forget is None or pub is not None or opts.require_key:
-        report.integrity = manifest.check_integrity(opts.model, pub, opts.require_key)
+        report.integrity = check_integrity(opts.model, pub, opts.require_key)
         report.warnings += report.integrity.warnings
         if not report.integrity.ok or opts.forget is None:
             return report
@@ -240,39 +241,21 @@ def run_verify(opts: VerifyOptions, out: Output):
     return report
 
 
-def read_manifest(model: Path) -> dict[str, Any]:
-    """The statement in ``model/zu-manifest.json`` (not verified).
-
-    Raises:
-        IntegrityError: missing or not JSON (exit 4).
-    """
-    import json
-
-    from .errors import IntegrityError
-    from .manifest import MANIFEST
-
-    try:
-        return json.loads((Path(model) / MANIFEST).read_text())
-    except (OSError, ValueError) as exc:
-        raise IntegrityError(f"{Path(model) / MANIFEST}: cannot read the manifest ({type(exc).__name__})") from exc
-
-
 def run_prove(model: Path, receipt: Path, forget: Path, out: Output) -> list[dict[str, Any]]:
     """Which requests in ``forget`` the edit in ``model`` covered, shown redacted unless ``--reveal``.
 
     Raises:
         IntegrityError: the manifest does not verify or the receipt is another edit's (exit 4).
     """
-    from . import manifest
+    from .errors import IntegrityError
+    from .integrity import check_integrity, prove, read_manifest
     from .requests import load_requests
 
-    report = manifest.check_integrity(Path(model))
+    report = check_integrity(Path(model))
     if not report.ok:
-        from .errors import IntegrityError
-
         raise IntegrityError(report.problems[0])
     requests = load_requests(forget)
-    rows = manifest.prove(read_manifest(model), receipt, requests)
+    rows = prove(read_manifest(model), receipt, requests)
     return [{**row, "tag": out.redact(r.target, r.id)} for row, r in zip(rows, requests)]
 
 

@@ -107,7 +107,7 @@ class VerifyReport:
     """Everything ``zu verify`` found; ``exit_code`` follows design §4."""
 
     model: str
-    integrity: Any = None  # manifest.IntegrityReport or None when there is no manifest to check
+    integrity: Any = None  # integrity.IntegrityReport or None when there is no manifest to check
     requests: list[dict[str, Any]] = field(default_factory=list)
     retain: list[ProbeResult] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
