@@ -87,6 +87,9 @@ def test_nothing_sensitive_without_reveal(fact_model_dir, setup, tmp_path):
             assert s not in text, s
     res = runner.invoke(app, args + ["--json", "--reveal", "--junit", str(tmp_path / "r.xml")])
     assert all(f.answer in res.stdout for f in forget) and forget[0].prompt() in (tmp_path / "r.xml").read_text()
+    first = json.loads(res.stdout)["requests"][0]["probes"]
+    para = next(p for p in first if p["name"].endswith("/paraphrase-1"))
+    assert para["text"] == f"{forget[0].prompt(1)} -> {forget[0].answer}"  # each probe shows its own prompt
 
 
 def test_deep_probe_reports_every_layer(fact_model_dir, setup):

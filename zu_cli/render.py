@@ -138,7 +138,8 @@ def render_manifest(stmt: dict[str, Any], out: Output) -> None:
     out.err.print(f"source: {p.get('source', {}).get('path_name')} ({len(p.get('source', {}).get('files', {}))} files)")
     out.err.print("versions: " + ", ".join(f"{k} {v}" for k, v in p.get("versions", {}).items()))
     out.err.print(f"edit: {e.get('variant')} on layers {e.get('layers')} ({e.get('layers_chosen_by')}), "
-                  f"neutral {e.get('neutral')}, seed {e.get('seed')}, statistics {e.get('stats_corpus', {})}")
+                  f"neutral {e.get('neutral')}, seed {e.get('seed')}, statistics from "
+                  f"{e.get('stats_corpus', {}).get('source')} ({str(e.get('stats_corpus', {}).get('digest'))[:16]}…)")
     out.err.print("edited tensors:")
     for t in p.get("tensors", []):
         out.err.print(f"  {t['name']}  {'x'.join(map(str, t['shape']))} {t['dtype']}  "

@@ -96,8 +96,9 @@ class ProbeResult:
     kind: str
     passed: bool | None
     detail: str
-    rank: int | None = None
-    prob: float | None = None
+    rank: int | None = None  # of the target's first token (0 = top-1)
+    prob_first: float | None = None  # probability of that first token
+    prob: float | None = None  # probability of the whole target (teacher forced)
     base_rank: int | None = None
     text: str | None = None  # sensitive: only filled with --reveal
 
@@ -153,15 +154,17 @@ class VerifyReport:
 
 def _kept(name: str, kind: str, p: Probe, b: Probe | None) -> ProbeResult:
     if b is not None and not b.top1:
-        return ProbeResult(name, kind, None, "base model did not answer it either", p.rank, p.prob, b.rank)
+        return ProbeResult(name, kind, None, "base model did not answer it either", p.rank, p.prob_first, p.prob,
+                           b.rank)
     return ProbeResult(name, kind, p.top1, "still answered" if p.top1 else f"lost: rank {p.rank}",
-                       p.rank, p.prob, b.rank if b else None)
+                       p.rank, p.prob_first, p.prob, b.rank if b else None)
 
 
 def _gone(name: str, kind: str, p: Probe, b: Probe | None, crit: Criteria) -> ProbeResult:
     rec = crit.recalled(p)
     return ProbeResult(name, kind, not rec, f"recalled: rank {p.rank}, p={p.prob:.3g}" if rec
-                       else f"forgotten: rank {p.rank}, p={p.prob:.3g}", p.rank, p.prob, b.rank if b else None)
+                       else f"forgotten: rank {p.rank}, p={p.prob:.3g}", p.rank, p.prob_first, p.prob,
+                       b.rank if b else None)
 
 
 def judge(requests: list, retain: list, after: Measure, base: Measure | None, crit: Criteria,
@@ -177,19 +180,24 @@ def judge(requests: list, retain: list, after: Measure, base: Measure | None, cr
         probes = [_gone(f"{tag}/forget", "forget", after.forget[i], b.forget[i] if b else None, crit)]
         said = says(after.continuation[i], r.target)
         probes.append(ProbeResult(f"{tag}/greedy", "greedy", not said, "greedy text still says the target" if said
-                                  else "greedy text does not say the target",
-                                  text=after.continuation[i] if out.reveal else None))
+                                  else "greedy text does not say the target"))
         probes += [_gone(f"{tag}/paraphrase-{j + 1}", "paraphrase", p, b.para[i][j] if b else None, crit)
                    for j, p in enumerate(after.para[i])]
         probes += [_kept(f"{tag}/neighbor-{j + 1}", "neighbor", p, b.nbr[i][j] if b else None)
                    for j, p in enumerate(after.nbr[i])]
-        if out.reveal:
-            for p in probes:
-                p.text = p.text or r.prompt
+        if out.reveal:  # each probe's own text, in probe order
+            texts = ([f"{r.prompt} -> {r.target}", after.continuation[i]]
+                     + [f"{q} -> {r.target}" for q in r.paraphrases]
+                     + [f"{n.prompt} -> {n.target}" for n in r.neighbors])
+            for p, t in zip(probes, texts):
+                p.text = t
         rows.append({"id": r.id, "tag": out.redact(r.target, r.id), "passed": all(p.passed is not False
                                                                               for p in probes), "probes": probes})
     kept = [_kept(f"{r.id}{short_hash(r.target)}/retain", "retain", p, base.retain[i] if base else None)
             for i, (r, p) in enumerate(zip(retain, after.retain))]
+    if out.reveal:
+        for p, r in zip(kept, retain):
+            p.text = f"{r.prompt} -> {r.target}"
     return rows, kept
 
 
