@@ -91,15 +91,15 @@ def restore_sets(n_layers: int, window: int) -> list[list[int]]:
     return [list(range(max(0, l - half), min(n_layers, l - half + window))) for l in range(n_layers)]
 
 
+@torch.no_grad()
 def embed_std(model, tok, spec, requests) -> float:
-    """Standard deviation of the subjects' token embeddings as the model computes them."""
-    vals = []
-    with TraceDict(model, [spec.embed]) as td:
-        for r in requests:
-            ids = torch.tensor([encode(tok, r.prompt)], device=input_device(model))
-            model(input_ids=ids, logits_to_keep=1)
-            vals.append(td[spec.embed].output[0, subject_positions(tok, r.prompt, r.subject)].float().cpu())
-    return float(torch.cat(vals).std())
+    """Standard deviation of the subjects' token embeddings as the embedding module outputs them
+    (scaled embeddings such as Gemma's included)."""
+    embed = model.get_submodule(spec.embed)
+    dev = embed.weight.device
+    vals = [embed(torch.tensor([encode(tok, r.prompt)], device=dev))[0, subject_positions(tok, r.prompt, r.subject)]
+            for r in requests]
+    return float(torch.cat(vals).float().std())
 
 
 @torch.no_grad()

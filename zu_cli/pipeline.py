@@ -86,11 +86,11 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     if auto:
         from .locate import TraceSettings, locate
 
-        scores, _ = locate(model, tok, spec, n_layers, requests, TraceSettings(seed=hp.seed), len(layers), source,
-                           out)
+        st = TraceSettings(seed=hp.seed)
+        scores, _ = locate(model, tok, spec, n_layers, requests, st, len(layers), source, out)
         layers, how = scores.window, "auto (causal tracing)"
         located = {"effect": [round(e, 5) for e in scores.effect], "window": scores.window,
-                   "settings": asdict(TraceSettings(seed=hp.seed)), "requests_traced": len(scores.requests)}
+                   "settings": asdict(st), "requests_traced": len(scores.requests)}
     raw, weights, biases = {}, {}, {}
     for l in layers:
         raw[l] = ckpt.read_tensor(spec.down_proj_weight(l))  # as stored: hashed for the manifest
