@@ -14,7 +14,7 @@ from .config import Hyper
 from .console import Output
 from .hooks import Trace, TraceDict, replay_below
 from .requests import Request
-from .text import as_tokens, encode, input_device, left_pad, sample
+from .text import as_tokens, encode, input_device, left_pad, sample, subject_positions
 
 TEMPLATE_SEEDS = ["The", "Therefore", "Because", "I", "You"]
 
@@ -40,22 +40,12 @@ class Rows:
 def lookup_index(tok, text: str, subject: str | None) -> int:
     """Index of the subject's last token in ``encode(tok, text)``; the last token without a subject.
 
-    Offsets from a fast tokenizer decide, so BPE merges and leading-space variants are handled:
-    the lookup token is the last one that starts before the subject's last character ends.
+    Offsets from a fast tokenizer decide (``text.subject_positions``), so BPE merges and
+    leading-space variants are handled.
     """
-    ids = encode(tok, text)
     if not subject:
-        return len(ids) - 1
-    end = text.rindex(subject) + len(subject)
-    try:
-        offsets = tok(text, return_offsets_mapping=True)["offset_mapping"]
-    except (NotImplementedError, ValueError, TypeError):  # slow tokenizers have no offsets
-        return len(encode(tok, text[:end])) - 1
-    last = 0
-    for i, (start, stop) in enumerate(offsets):
-        if stop > start and start < end:
-            last = i
-    return last
+        return len(encode(tok, text)) - 1
+    return max(subject_positions(tok, text, subject))
 
 
 def context_templates(model, tok, hp: Hyper) -> list[str]:

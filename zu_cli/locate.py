@@ -18,7 +18,7 @@ import torch
 
 from .errors import UsageError
 from .hooks import TraceDict
-from .text import encode, encode_target, input_device
+from .text import encode, encode_target, input_device, subject_positions
 
 KINDS = ("mlp", "hidden")
 ROWS = 64  # rows per forward pass: bounds activation memory on long prompts
@@ -63,18 +63,6 @@ class LayerScores:
     requests: list[dict]
     noise_std: float
     window: list[int]
-
-
-def subject_positions(tok, text: str, subject: str) -> list[int]:
-    """Indices of the tokens of ``encode(tok, text)`` that overlap the subject's characters."""
-    start = text.rindex(subject)
-    end = start + len(subject)
-    try:
-        offsets = tok(text, return_offsets_mapping=True)["offset_mapping"]
-    except (NotImplementedError, ValueError, TypeError):  # slow tokenizer: count tokens of the prefixes
-        first, last = len(encode(tok, text[:start])), len(encode(tok, text[:end])) - 1
-        return list(range(min(first, last), last + 1))
-    return [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
 
 
 def best_window(effect: list[float], k: int) -> list[int]:

@@ -139,6 +139,7 @@ def lens_ranks(model, tok, spec, prompts: list[str], targets: list[str]) -> list
     """
     dev = input_device(model)
     norm, head = model.get_submodule(spec.final_norm), model.get_submodule(spec.lm_head)
+    w = next(head.parameters())  # the unembedding's device and dtype
     first = [encode_target(tok, t)[0] for t in targets]
     out: list[list[int]] = []
     for b in range(0, len(prompts), BATCH):
@@ -147,7 +148,6 @@ def lens_ranks(model, tok, spec, prompts: list[str], targets: list[str]) -> list
         hs = res.hidden_states  # (L + 1) x (batch, seq, d); [0] embeddings, [-1] already normed
         per_layer = []
         for h in hs[1:-1]:
-            w = next(head.parameters())
             logits = head(norm(h[:, -1:].to(w.device)).to(w.dtype))[:, -1].float()  # (batch, vocab)
             per_layer.append(logits.cpu())
         per_layer.append(res.logits[:, -1].float().cpu())

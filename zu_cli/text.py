@@ -68,6 +68,18 @@ def encode_target(tok, text: str) -> list[int]:
     return tok(" " + text.lstrip(), add_special_tokens=False)["input_ids"]
 
 
+def subject_positions(tok, text: str, subject: str) -> list[int]:
+    """Indices of the tokens of ``encode(tok, text)`` that overlap the subject's characters."""
+    start = text.rindex(subject)
+    end = start + len(subject)
+    try:
+        offsets = tok(text, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError):  # slow tokenizer: count tokens of the prefixes
+        first, last = len(encode(tok, text[:start])), len(encode(tok, text[:end])) - 1
+        return list(range(min(first, last), last + 1))
+    return [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+
+
 @torch.no_grad()
 def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int, generator: torch.Generator,
            top_k: int = 5) -> list[list[int]]:
