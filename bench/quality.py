@@ -39,6 +39,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--layers")
+    ap.add_argument("--multi", action="store_true", help="the --multi variant (solver via --set solver=...)")
     ap.add_argument("--set", action="append", default=[], help="hyperparameter override k=v")
     ap.add_argument("--base-metrics", help="JSON file caching the base model's metrics")
     a = ap.parse_args()
@@ -61,7 +62,7 @@ def main() -> int:
                                for f in facts))
         t0 = time.perf_counter()
         res = run_unlearn(UnlearnOptions(model=Path(a.model), forget=req, out=Path(tmp) / "out", layers=a.layers,
-                                         device_map="cpu", signer=ephemeral()), hp, silent())
+                                         multi=a.multi, device_map="cpu", signer=ephemeral()), hp, silent())
         elapsed = time.perf_counter() - t0
         after = metrics(Path(tmp) / "out", facts, text)
     key = f"{a.model}:{a.offset}:{a.n}"
@@ -71,7 +72,8 @@ def main() -> int:
         if a.base_metrics:
             Path(a.base_metrics).write_text(json.dumps(cache))
     base = cache[key]
-    doc = {"n": a.n, "layers": res.layers, "overrides": over, "seconds": round(elapsed, 1), "timings": res.timings,
+    doc = {"n": a.n, "variant": f"multi-{hp.solver}" if a.multi else "closed-form", "layers": res.layers,
+           "overrides": over, "seconds": round(elapsed, 1), "timings": res.timings,
            "base": base, "after": after,
            "Spe_retained": round(after["Spe"] / base["Spe"], 3) if base["Spe"] else None,
            "PPL_ratio": round(after["PPL"] / base["PPL"], 4),

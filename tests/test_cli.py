@@ -64,7 +64,19 @@ def test_existing_out_and_bad_options_exit_2(tiny_models, tmp_path):
     (tmp_path / "c.yaml").write_text("lambda_q: 3\n")
     res = runner.invoke(app, base + ["--out", str(tmp_path / "o2"), "--config", str(tmp_path / "c.yaml")])
     assert res.exit_code == 2 and "lambda_q" in res.output
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "o2"), "--multi", "--solver", "newton"])
+    assert res.exit_code == 2 and "solver" in res.output
+    (tmp_path / "c.yaml").write_text("optim_dtype: float8\n")
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "o2"), "--config", str(tmp_path / "c.yaml")])
+    assert res.exit_code == 2 and "optim_dtype" in res.output
     assert not (tmp_path / "o2").exists()
+
+
+def test_sensitive_auto_resolves_per_variant():
+    from zu_cli.config import Hyper
+
+    assert Hyper().sensitive_kind(multi=False) == "pushed" and Hyper().sensitive_kind(multi=True) == "output"
+    assert Hyper(sensitive="delta").sensitive_kind(multi=True) == "delta"
 
 
 def test_debug_shows_traceback(tmp_path, monkeypatch):

@@ -32,12 +32,12 @@ def scores(model_dir, facts) -> dict:
             "ppl": perplexity(model, tok, TEXT)}
 
 
-def unlearn(model_dir, facts, tmp_path):
+def unlearn(model_dir, facts, tmp_path, multi=False):
     req = tmp_path / "forget.jsonl"
     req.write_text("".join(json.dumps({k: f[k] for k in ("id", "prompt", "subject", "target")}) + "\n"
                            for f in facts))
-    res = run_unlearn(UnlearnOptions(model=model_dir, forget=req, out=tmp_path / "out", device_map="cpu"),
-                      Hyper(), silent())
+    res = run_unlearn(UnlearnOptions(model=model_dir, forget=req, out=tmp_path / "out", device_map="cpu",
+                                     multi=multi), Hyper(), silent())
     return tmp_path / "out", res
 
 
@@ -125,3 +125,22 @@ def test_smollm2_bf16_sharded_quality(smollm2_bf16, tmp_path):
     src, dst = open_checkpoint(smollm2_bf16), open_checkpoint(out)
     assert dst.disk_dtypes == src.disk_dtypes and dst.shards() == src.shards()
     check_quality(scores(smollm2_bf16, facts), scores(out, facts), 10)
+
+
+@pytest.mark.xfail(run=False, reason="not met yet (bench/variants.py --sizes 159): --multi gradient forgets 95.6 % "
+                   "(paraphrases 2.1 % recalled) but keeps 15 % of neighbours at perplexity x2.29 (||dW||/||W|| "
+                   "~1.4 per layer); --solver exact and the closed form exceed the change bound (exit 5). ~17 min here")
+def test_smollm2_multi_all_dev_facts(smollm2, tmp_path):
+    """--multi (default solver: gradient) with all 159 dev facts at once, measured on the written
+    checkpoint; issue targets: >= 90 % forgotten, paraphrases <= 40 %, neighbours >= 70 % of base,
+    perplexity <= +5 %."""
+    out, res = unlearn(smollm2, FACTS, tmp_path, multi=True)
+    assert len(FACTS) == 159 and all(u["null_dim"] > 0 and u["steps"] for u in res.updates)
+    after, base = scores(out, FACTS), scores(smollm2, FACTS)
+    rate = lambda xs: sum(xs) / len(xs)
+    report = {"recalled": rate(after["eff"]), "para": rate(after["gen"]),
+              "nbr_kept": rate(after["spe"]) / rate(base["spe"]), "ppl_ratio": after["ppl"] / base["ppl"]}
+    assert 1 - report["recalled"] >= 0.90, report
+    assert report["para"] <= 0.40, report
+    assert report["nbr_kept"] >= 0.70, report
+    assert report["ppl_ratio"] <= 1.05, report

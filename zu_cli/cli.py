@@ -16,7 +16,7 @@ import typer
 
 from . import __version__
 from .console import Output
-from .errors import EXIT_INTERRUPTED, ZuError
+from .errors import EXIT_INTERRUPTED, UsageError, ZuError
 
 # Options several commands share (one definition, one help text).
 DEVICE_MAP = typer.Option("auto", "--device-map", help="auto, cpu, cuda, balanced or FILE.json.")
@@ -69,6 +69,10 @@ def unlearn(
     layers: Optional[str] = typer.Option(None, "--layers", help="Layers to edit, e.g. 17,18,19, or 'auto' (causal "
                                          "tracing, as zu locate); default: the architecture's window."),
     neutral: str = typer.Option("eos", "--neutral", help="Neutral target: 'eos' or any text."),
+    multi: bool = typer.Option(False, "--multi", help="Gradient variant for many requests: an additive update in the "
+                               "null space of general keys (docs/method.md)."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="With --multi: 'gradient' (Adam, reference) or "
+                                         "'exact' (least squares)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of hyperparameters (docs/method.md)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for templates, statistics and rounding."),
     stats_corpus: Optional[str] = typer.Option(None, "--stats-corpus", help="Text for the general statistics: "
@@ -93,8 +97,10 @@ def unlearn(
     from .render import render_unlearn
 
     output = Output(json_mode=json_out, reveal=reveal)
-    hp = load_config(config, seed=seed)
-    opts = UnlearnOptions(model=model, forget=forget, out=out, layers=layers, neutral=neutral,
+    if solver is not None and not multi:
+        raise UsageError("--solver applies to --multi only", hint="add --multi, or drop --solver")
+    hp = load_config(config, seed=seed, solver=solver)
+    opts = UnlearnOptions(model=model, forget=forget, out=out, layers=layers, neutral=neutral, multi=multi,
                           stats_corpus=stats_corpus, device_map=device_map, max_memory=max_memory,
                           offload_dir=offload_dir, dtype=dtype, force=force, receipt=receipt,
                           include_requests=include_requests, key=key)

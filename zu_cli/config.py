@@ -14,22 +14,29 @@ from .errors import InputFileError
 
 @dataclass(frozen=True)
 class Hyper:
-    """Every knob of the closed-form edit; defaults follow the reference unless noted.
+    """Every knob of the edit; defaults follow the reference unless noted.
 
     Context templates (§2.2): ``n_prefixes`` model-generated prefixes of ``prefix_len`` tokens.
     Neutral target (§2.3): Adam for ``z_steps`` at ``z_lr``; the delta norm is clamped to
     ``z_clamp`` times the hidden state's norm; ``z_kl`` weights the KL term on "{subject} is a";
     ``z_weight_decay`` the delta's squared norm; stop early once the neutral target's mean
-    probability reaches ``z_stop_prob``.
+    probability reaches ``z_stop_prob`` (each request on its own). ``optim_dtype``: precision of
+    the optimisation's forward passes (``auto``: bfloat16 autocast where the device does it fast);
+    ``batch_requests`` requests are optimised together (memory grows with it, results do not change).
     Sensitive vectors (§2.4): the same optimiser pushes toward the true target for
     ``sens_steps``; ``sensitive`` picks the vectors whose span P removes: ``pushed`` (the output
-    plus the push, reference), ``delta`` (the push alone: the answer's direction) or ``output``
-    (the output alone, no optimisation);
+    plus the push, reference), ``delta`` (the push alone: the answer's direction), ``output``
+    (the output alone, no optimisation) or ``auto`` (``pushed`` for the closed form, ``output``
+    for --multi, where the push changed nothing measurable and costs half the targets stage);
     ``epsilon`` of the projector P = (1+eps) I - V V^T; ``project_general`` maps general keys to
     P W k (reference) rather than leaving them at W k.
     Closed form (§2.7): ``lambda_g``, ``lambda_f``, ``lambda_r``.
     Statistics (§2.6): ``stats_samples`` texts of ``stats_len`` tokens sampled from the model
     when no corpus is given (``stats_max_tokens`` caps any corpus).
+    --multi (§2.8): eigenvalues of E[k k^T] below ``null_threshold`` span the null space;
+    ``solver`` ``gradient`` (Adam, ``multi_steps`` at ``multi_lr``, reference) or ``exact``
+    (least squares); ``multi_sensitive_weight``, ``multi_target_weight`` and
+    ``multi_norm_weight`` weight the loss's three terms.
     Guards: ``max_rel_change`` bounds ||dW||/||W|| per layer, ``max_cond`` the condition number.
     ``rounding``: how an edited tensor is cast back to a low-precision checkpoint dtype.
     """
@@ -42,8 +49,10 @@ class Hyper:
     z_kl: float = 0.0625
     z_weight_decay: float = 0.5
     z_stop_prob: float = 0.95
+    optim_dtype: str = "auto"
+    batch_requests: int = 16
     sens_steps: int = 25
-    sensitive: str = "pushed"
+    sensitive: str = "auto"
     project_general: bool = False
     epsilon: float = 0.01
     lambda_g: float = 15000.0
@@ -52,10 +61,23 @@ class Hyper:
     stats_samples: int = 200
     stats_len: int = 64
     stats_max_tokens: int = 100_000
+    null_threshold: float = 2e-2
+    solver: str = "gradient"
+    multi_steps: int = 500
+    multi_lr: float = 1e-3
+    multi_sensitive_weight: float = 1.0
+    multi_target_weight: float = 100.0
+    multi_norm_weight: float = 0.1
     max_rel_change: float = 1.5
     max_cond: float = 1e12
     rounding: str = "stochastic"
     seed: int = 0
+
+    def sensitive_kind(self, multi: bool) -> str:
+        """``sensitive`` with ``auto`` resolved for the variant (``multi``: the --multi one)."""
+        if self.sensitive != "auto":
+            return self.sensitive
+        return "output" if multi else "pushed"
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved values, for the manifest."""
@@ -97,7 +119,8 @@ def load_config(path: Path | None, **overrides: Any) -> Hyper:
             values[key] = float(val)
         elif not isinstance(val, want) or (want is int and isinstance(val, bool)):
             raise InputFileError(f"{path or 'config'}: field {key!r} must be {want.__name__}, got {val!r}")
-    for key, allowed in (("rounding", ("stochastic", "nearest")), ("sensitive", ("pushed", "delta", "output"))):
+    for key, allowed in (("rounding", ("stochastic", "nearest")), ("sensitive", ("auto", "pushed", "delta", "output")),
+                         ("solver", ("gradient", "exact")), ("optim_dtype", ("auto", "float32", "bfloat16"))):
         if key in values and values[key] not in allowed:
             raise InputFileError(f"{path or 'config'}: field {key!r} must be one of {', '.join(allowed)}")
     return Hyper(**values)

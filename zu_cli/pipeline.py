@@ -30,6 +30,7 @@ class UnlearnOptions:
     receipt: Path | None = None
     include_requests: bool = False
     key: Path | None = None
+    multi: bool = False  # the gradient variant (§2.8); hp.solver picks Adam or the exact solve
     signer: Any = None  # a keys.SigningKey given by a library caller instead of --key
 
 
@@ -56,13 +57,13 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     """
     import torch
 
-    from . import edit, manifest
+    from . import edit, manifest, update
     from .arch import num_layers, resolve_layers
     from .checkpoint import check_out, load_model, open_checkpoint, write_checkpoint
     from .keys import load_signing_key
     from .requests import load_requests
     from .stats import collect_stats
-    from .text import encode_target, neutral_ids
+    from .text import neutral_ids
     from .probes import probe, token_ranks
 
     t: dict[str, float] = {}
@@ -107,32 +108,21 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     n = len(requests)
     queries = [(r.prompt, r.target) for r in requests]
     before = probe(model, tok, queries)
-    last = spec.layer_module(layers[-1])
-    z_rows = edit.build_rows(tok, requests, templates, targets_neutral)
-    delta, h, z_prob = edit.optimize_deltas(model, tok, spec, z_rows, edit.kl_rows(tok, requests), [last], layers[-1], n,
-                                            hp, hp.z_steps,
-                                            hp.z_stop_prob, out, "neutral targets")
-    z = (h + delta)[:, 0]  # (n, d)
-    true_rows = edit.build_rows(tok, requests, templates, [encode_target(tok, r.target) for r in requests])
-    mods = [spec.down_proj_module(l) for l in layers]
-    if hp.sensitive == "output":
-        base_out = edit.outputs_at(model, tok, true_rows, mods, n)
-        sensitive = {l: base_out[m].float() for l, m in zip(layers, mods)}
-    else:
-        sdelta, sbase, _ = edit.optimize_deltas(model, tok, spec, true_rows, None, mods, layers[0], n, hp,
-                                                hp.sens_steps, 1.1, out, "sensitive directions", margin=True)
-        push = sdelta if hp.sensitive == "delta" else sbase + sdelta
-        sensitive = {l: push[:, i] for i, l in enumerate(layers)}
+    z, z_prob, sensitive = edit.edit_targets(model, tok, spec, requests, layers, templates, targets_neutral, hp,
+                                             hp.sensitive_kind(opts.multi), out)
     t["targets"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    g, corpus_digest = collect_stats(model, tok, spec, layers, biases, hp, opts.stats_corpus, source, out)
+    g, kk, corpus_digest = collect_stats(model, tok, spec, layers, biases, hp, opts.stats_corpus, source, out,
+                                         keys=opts.multi)
     t["statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    ups = edit.edit_layers(model, tok, spec, requests, layers, weights, biases, g, z, sensitive, templates, hp, out)
+    solver = update.multi_solver(kk, hp) if opts.multi else update.closed_form_solver(g, hp)
+    ups = update.edit_layers(model, tok, spec, requests, layers, weights, biases, z, sensitive, templates, hp, solver,
+                             out)
     new_w = {u.layer: u.new for u in ups}
-    with edit.applied(model, spec, new_w, biases):
+    with update.applied(model, spec, new_w, biases):
         after = probe(model, tok, queries)
         ranks = token_ranks(model, tok, [r.prompt for r in requests], targets_neutral)
     t["solve"] = time.perf_counter() - t0
@@ -147,14 +137,16 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     predicate = {
         "versions": manifest.versions(),
         "source": {"path_name": ckpt.path.name, "files": source_digests},
-        "edit": {"variant": "closed-form", "layers": layers, "layers_chosen_by": how, "neutral": opts.neutral,
-                 "hyperparameters": hp.to_dict(), "seed": hp.seed, "context_templates": len(templates),
+        "edit": {"variant": f"multi-{hp.solver}" if opts.multi else "closed-form", "layers": layers,
+                 "layers_chosen_by": how, "neutral": opts.neutral, "hyperparameters": hp.to_dict(),
+                 "sensitive": hp.sensitive_kind(opts.multi), "seed": hp.seed, "context_templates": len(templates),
                  "stats_corpus": {"source": "file" if opts.stats_corpus else "model-samples",
                                   "digest": corpus_digest},
                  "neutral_target_prob_min": round(float(z_prob.min()), 4), "locate": located},
         "tensors": [{"name": u.name, "shape": list(edited[u.name].shape), "dtype": str(edited[u.name].dtype),
                      "sha256_before": manifest.sha256_tensor(raw[u.layer]),
-                     "sha256_after": manifest.sha256_tensor(edited[u.name]), "rel_change": round(u.rel_change, 6)}
+                     "sha256_after": manifest.sha256_tensor(edited[u.name]), "rel_change": round(u.rel_change, 6),
+                     "solver": u.info}
                     for u in ups],
         "requests": {"count": n, "commitments": commits} if not opts.include_requests
         else {"count": n, "commitments": commits, "plaintext": [r.canonical() for r in requests]},
@@ -166,8 +158,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     manifest.write_receipt(receipt, salt, commits)
     t["write"] = time.perf_counter() - t0
     return UnlearnResult(out=opts.out, layers=layers, layers_how=how,
-                         updates=[{"layer": u.layer, "name": u.name, "rel_change": u.rel_change, "cond": u.cond,
-                                   "directions": u.rank} for u in ups],
+                         updates=[{"layer": u.layer, "name": u.name, "rel_change": u.rel_change, **u.info} for u in ups],
                          requests=per_req, timings={k: round(v, 2) for k, v in t.items()}, receipt=receipt,
                          keyid=key.keyid)
 

@@ -1,4 +1,4 @@
-"""Pure tensor math of the closed-form edit (design §2.4, §2.7); no model, no I/O.
+"""Pure tensor math of the edits: closed form (design §2.4, §2.7) and --multi (§2.8); no model, no I/O.
 
 Shapes: d = d_model, f = d_ff, n = number of forget requests. W is (d, f) in the
 "output = W @ key" orientation whatever the checkpoint's storage layout.
@@ -83,15 +83,31 @@ def closed_form(w: torch.Tensor, g: torch.Tensor, v_f: torch.Tensor, t: torch.Te
         raise NumericalError(f"normal equations ill-conditioned (condition number {cond:.3g} > {max_cond:.3g})",
                              hint="raise lambda_r or collect statistics over more text")
     d = torch.linalg.solve(b, a.T).T  # D B = A  <=>  B^T D^T = A^T, and B is symmetric
-    if not torch.isfinite(d).all():
+    rel = guard(w64, d @ w64, max_rel_change)
+    residual = float(torch.linalg.norm(d @ b - a) / torch.linalg.norm(a).clamp_min(1e-300))
+    return d, SolveReport(cond=cond, rel_change=rel, residual=residual)
+
+
+def guard(w: torch.Tensor, new_w: torch.Tensor, max_rel_change: float) -> float:
+    """Refuse an update that is not finite or moves W too far.
+
+    Args:
+        w: W before (d, f); new_w: W after.
+        max_rel_change: largest acceptable ||new_w - w|| / ||w||.
+
+    Returns:
+        The relative change.
+
+    Raises:
+        NumericalError: non-finite values or a change above the bound (exit 5).
+    """
+    if not torch.isfinite(new_w).all():
         raise NumericalError("the solve produced non-finite values")
-    new_w = d @ w64
-    rel = float(torch.linalg.norm(new_w - w64) / torch.linalg.norm(w64))
+    rel = float(torch.linalg.norm(new_w - w) / torch.linalg.norm(w))
     if rel > max_rel_change:
         raise NumericalError(f"edit would change the weight by {rel:.1%} (bound {max_rel_change:.0%})",
                              hint="fewer requests per run, or raise max_rel_change in --config")
-    residual = float(torch.linalg.norm(d @ b - a) / torch.linalg.norm(a).clamp_min(1e-300))
-    return d, SolveReport(cond=cond, rel_change=rel, residual=residual)
+    return rel
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -125,3 +141,110 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
         u = torch.rand(x32.shape, generator=generator, device=x32.device)
         return torch.where(u < frac, other, near)
     return x.to(dtype)
+
+
+def null_space(kkt: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+    """Projector onto the directions general text barely excites (design §2.8, as AlphaEdit).
+
+    Args:
+        kkt: E[k k^T] (f, f) over general text, k the down-projection's input.
+        threshold: eigenvalues below it count as the null space (reference: 2e-2).
+
+    Returns:
+        (P_null (f, f) float64, its rank).
+    """
+    evals, evecs = torch.linalg.eigh(kkt.to(torch.float64))  # ascending; kkt is symmetric PSD
+    u = evecs[:, evals < threshold]  # (f, m)
+    return u @ u.T, u.shape[1]
+
+
+@dataclass(frozen=True)
+class MultiWeights:
+    """Weights of the --multi loss: sensitive * ||V^T (W+dW) K||^2 + target * ||(W+dW) K - T||^2 + norm * ||dW||^2."""
+
+    sensitive: float = 1.0
+    target: float = 100.0
+    norm: float = 0.1
+
+
+def multi_loss(dw: torch.Tensor, w: torch.Tensor, k: torch.Tensor, t: torch.Tensor, basis: torch.Tensor,
+               wt: MultiWeights) -> torch.Tensor:
+    """The --multi objective for an additive update (design §2.8).
+
+    Args:
+        dw: dW (d, f); w: W (d, f); k: forget keys K_f (f, n); t: targets T (d, n);
+        basis: V (d, r), orthonormal sensitive output directions.
+
+    Returns:
+        Scalar loss.
+    """
+    out = (w + dw) @ k  # (d, n)
+    return (wt.sensitive * (basis.T @ out).square().sum() + wt.target * (out - t).square().sum()
+            + wt.norm * dw.square().sum())
+
+
+def multi_exact(w: torch.Tensor, k: torch.Tensor, t: torch.Tensor, basis: torch.Tensor, p_null: torch.Tensor,
+                wt: MultiWeights) -> torch.Tensor:
+    """The exact minimiser of ``multi_loss`` over dW = D P_null (the loss is quadratic in D).
+
+    Setting the gradient to zero gives Q dW Kp Kp^T + norm dW = R Kp^T with Kp = P_null K,
+    Q = target I + sensitive V V^T and R = target (T - W K) - sensitive V V^T W K. Q has two
+    eigenvalues (on span V and off it), and Kp^T (q Kp Kp^T + c I)^-1 = (q Kp^T Kp + c I)^-1 Kp^T,
+    so the solve is two n x n systems instead of an f x f one.
+
+    Args:
+        w: W (d, f); k: K_f (f, n); t: T (d, n); basis: V (d, r) orthonormal; p_null: (f, f).
+
+    Returns:
+        dW (d, f) float64, rows in the null space.
+    """
+    w, k, t, v, p = (x.to(torch.float64) for x in (w, k, t, basis, p_null))
+    kp = p @ k  # (f, n)
+    wk = w @ k  # (d, n)
+    vvt = v @ v.T  # (d, d)
+    r = wt.target * (t - wk) - wt.sensitive * vvt @ wk  # (d, n)
+    gram = kp.T @ kp  # (n, n)
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    dw = torch.zeros_like(w)
+    for q, part in ((wt.target + wt.sensitive, vvt @ r), (wt.target, r - vvt @ r)):
+        # part @ (q G + c I)^-1: solve the symmetric system from the right.
+        coef = torch.linalg.solve(q * gram + wt.norm * eye, part.T).T  # (d, n)
+        dw = dw + coef @ kp.T
+    return dw
+
+
+def multi_gradient(w: torch.Tensor, k: torch.Tensor, t: torch.Tensor, basis: torch.Tensor, p_null: torch.Tensor,
+                   wt: MultiWeights, steps: int = 500, lr: float = 1e-3) -> tuple[torch.Tensor, int]:
+    """Minimise ``multi_loss`` over dW = D P_null with Adam on D, from D = 0 (the reference's path).
+
+    The loss only needs D P_null K = D Kp and ||D P_null||^2 = ||D U||^2 (P_null = U U^T), so a
+    step costs O(d f (n + m)) rather than the O(d f^2) of forming D P_null; the gradients are
+    the same.
+
+    Args:
+        w, k, t, basis, p_null: as ``multi_exact``.
+        steps: Adam steps (reference 500); stops early once the loss is below 1e-8.
+        lr: Adam learning rate (reference 1e-3).
+
+    Returns:
+        (dW (d, f) float64, steps taken).
+    """
+    w, k, t, v, p = (x.to(torch.float64) for x in (w, k, t, basis, p_null))
+    evals, evecs = torch.linalg.eigh(p)
+    u = evecs[:, evals > 0.5]  # (f, m): P_null's range (its eigenvalues are 0 or 1)
+    kp = p @ k  # (f, n)
+    wk = w @ k  # (d, n)
+    d = torch.zeros_like(w, requires_grad=True)
+    opt = torch.optim.Adam([d], lr=lr)
+    taken = 0
+    with torch.enable_grad():
+        for taken in range(1, steps + 1):
+            opt.zero_grad()
+            out = wk + d @ kp  # (d, n)
+            loss = (wt.sensitive * (v.T @ out).square().sum() + wt.target * (out - t).square().sum()
+                    + wt.norm * (d @ u).square().sum())
+            if float(loss.detach()) < 1e-8:
+                break
+            loss.backward()
+            opt.step()
+    return (d.detach() @ p), taken

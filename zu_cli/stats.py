@@ -1,4 +1,4 @@
-"""General-knowledge statistics (design §2.6): G = E[v v^T] per edited layer, one pass, cached."""
+"""General-knowledge statistics (design §2.6, §2.8): G = E[v v^T] and E[k k^T] per edited layer, one pass, cached."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .errors import InputFileError
 from .hooks import TraceDict
 from .text import as_tokens, input_device, left_pad, sample
 
+KEY_SUFFIX = ":kkT"  # names E[k k^T] next to a module's G in the cache and in second_moments' result
 SEED_WORDS = ["The", "In", "A", "It", "He", "She", "They", "This", "We", "When", "After", "Many"]
 
 
@@ -89,8 +90,10 @@ def corpus_tokens(model, tok, corpus: str | None, n_samples: int, length: int, m
 
 @torch.no_grad()
 def second_moments(model, seqs: list[list[int]], modules: list[str], biases: dict[str, torch.Tensor | None],
-                   pad_id: int, out: Output, batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """G = E[v v^T] of each module's output v (bias removed), over every real token, in one pass.
+                   pad_id: int, out: Output, batch_size: int = 16,
+                   key_modules: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """G = E[v v^T] of each module's output v (bias removed), over every real token, in one pass;
+    also E[k k^T] of the input k of the modules in ``key_modules`` (for --multi).
 
     Args:
         model: the causal LM.
@@ -100,9 +103,11 @@ def second_moments(model, seqs: list[list[int]], modules: list[str], biases: dic
         pad_id: padding id.
         out: progress output.
         batch_size: sequences per forward pass.
+        key_modules: modules (among ``modules``) whose input moments are wanted too.
 
     Returns:
-        module name -> G (d_model, d_model) float64 on CPU.
+        module name -> G (d_model, d_model), and ``name + KEY_SUFFIX`` -> E[k k^T] (d_ff, d_ff);
+        float64 on CPU.
     """
     dev = input_device(model)
     sums: dict[str, torch.Tensor] = {}
@@ -111,7 +116,7 @@ def second_moments(model, seqs: list[list[int]], modules: list[str], biases: dic
         for b in range(0, len(seqs), batch_size):
             chunk = seqs[b:b + batch_size]
             batch = left_pad(chunk, pad_id, dev)
-            with TraceDict(model, modules, stop=True) as td:
+            with TraceDict(model, modules, retain_input=bool(key_modules), stop=True) as td:
                 model(**batch.kwargs())
             real = batch.mask.bool().cpu()
             for name in modules:
@@ -119,6 +124,9 @@ def second_moments(model, seqs: list[list[int]], modules: list[str], biases: dic
                 if biases.get(name) is not None:
                     v = v - biases[name].to(torch.float64).cpu()
                 sums[name] = sums.get(name, 0) + v.T @ v
+                if name in key_modules:
+                    k = as_tokens(td[name].input, *batch.ids.shape).to(device="cpu", dtype=torch.float64)[real]  # (tokens, f)
+                    sums[name + KEY_SUFFIX] = sums.get(name + KEY_SUFFIX, 0) + k.T @ k
             count += int(real.sum())
             advance(len(chunk))
     return {k: s / count for k, s in sums.items()}
@@ -154,11 +162,12 @@ def store_cached(key: str, g: torch.Tensor) -> None:
 
 
 def collect_stats(model, tok, spec, layers, biases, hp: Hyper, corpus: str | None, source: str,
-                  out: Output) -> tuple[dict[int, Any], str]:
-    """G per edited layer from the cache, or from one pass over the corpus for every missing layer.
+                  out: Output, keys: bool = False) -> tuple[dict[int, Any], dict[int, Any], str]:
+    """G per edited layer (and E[k k^T] when ``keys``) from the cache, or from one pass over the
+    corpus for everything missing.
 
     Returns:
-        (layer -> G, digest naming the corpus and its settings).
+        (layer -> G, layer -> E[k k^T] (empty unless ``keys``), digest naming the corpus and its settings).
     """
     seqs = None
     if corpus is not None:  # a file's digest is only known once read (cheap next to a model pass)
@@ -166,16 +175,22 @@ def collect_stats(model, tok, spec, layers, biases, hp: Hyper, corpus: str | Non
                                             hp.stats_max_tokens, hp.seed)
     else:
         corpus_digest = samples_digest(hp.stats_samples, hp.stats_len, hp.seed)
-    keys = {l: stats_key(source, spec.down_proj_module(l), corpus_digest) for l in layers}
-    g = {l: c for l in layers if (c := load_cached(keys[l])) is not None}
-    missing = [l for l in layers if l not in g]
+    names = {l: spec.down_proj_module(l) for l in layers}
+    wanted = list(names.values()) + ([n + KEY_SUFFIX for n in names.values()] if keys else [])
+    cache_keys = {w: stats_key(source, w, corpus_digest) for w in wanted}
+    found = {w: c for w in wanted if (c := load_cached(cache_keys[w])) is not None}
+    missing = [w for w in wanted if w not in found]
     if missing:
         if seqs is None:
             seqs, _ = corpus_tokens(model, tok, None, hp.stats_samples, hp.stats_len, hp.stats_max_tokens, hp.seed)
-        mods = [spec.down_proj_module(l) for l in missing]
-        fresh = second_moments(model, seqs, mods, {spec.down_proj_module(l): biases[l] for l in missing},
-                               tok.pad_token_id, out)
-        for l, m in zip(missing, mods):
-            g[l] = fresh[m]
-            store_cached(keys[l], fresh[m])
-    return g, corpus_digest
+        # One pass computes every missing statistic; G comes free with E[k k^T] (same hook).
+        need = sorted({l for l in layers if names[l] in missing or names[l] + KEY_SUFFIX in missing})
+        mods = [names[l] for l in need]
+        fresh = second_moments(model, seqs, mods, {names[l]: biases[l] for l in need}, tok.pad_token_id, out,
+                               key_modules=tuple(m for m in mods if m + KEY_SUFFIX in missing))
+        for w in missing:
+            found[w] = fresh[w]
+            store_cached(cache_keys[w], fresh[w])
+    g = {l: found[names[l]] for l in layers}
+    kk = {l: found[names[l] + KEY_SUFFIX] for l in layers} if keys else {}
+    return g, kk, corpus_digest

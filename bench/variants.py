@@ -1,0 +1,155 @@
+"""Closed form vs --multi (gradient and exact) on the same requests, side by side.
+
+    python bench/variants.py --model DIR [--sizes 10,50,159] [--set k=v ...] [--out FILE]
+
+For each size the neutral targets, sensitive vectors and statistics are computed once (they do
+not depend on the solver) and each solver then edits the layers; quality (Eff/Gen/Spe/PPL on the
+requests' unseen paraphrases and neighbours) is measured on the edited weights in memory, which
+for an fp32 checkpoint are bit for bit what ``zu unlearn`` writes. Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+VARIANTS = ("closed-form", "multi-gradient", "multi-exact")
+
+
+def quality(model, tok, facts: list[dict], text: str) -> dict:
+    """Eff/Gen/Spe (% still top-1) and perplexity of the model as it runs now (hooks honoured)."""
+    from zu_cli.probes import perplexity, probe
+
+    main = probe(model, tok, [(f["prompt"], f["target"]) for f in facts])
+    para = probe(model, tok, [(p, f["target"]) for f in facts for p in f.get("paraphrases", [])])
+    nbr = probe(model, tok, [(nb["prompt"], nb["target"]) for f in facts for nb in f.get("neighbors", [])])
+    pct = lambda xs: round(100.0 * sum(x.top1 for x in xs) / len(xs), 1) if xs else None
+    return {"Eff": pct(main), "Gen": pct(para), "Spe": pct(nbr), "PPL": round(perplexity(model, tok, text), 3)}
+
+
+def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[str], cache: Path | None = None) -> dict:
+    """Shared stages once (or from ``cache``), then every variant's solve and quality."""
+    import dataclasses
+
+    from zu_cli import edit, update
+    from zu_cli.arch import num_layers, resolve_layers
+    from zu_cli.checkpoint import load_model, open_checkpoint
+    from zu_cli.console import silent
+    from zu_cli.errors import NumericalError
+    from zu_cli.manifest import dir_digests, sha256_file_list
+    from zu_cli.requests import load_requests
+    from zu_cli.stats import collect_stats
+    from zu_cli.text import neutral_ids
+
+    out = silent()
+    t0 = time.perf_counter()
+    ckpt = open_checkpoint(model_dir)
+    spec = ckpt.spec
+    layers, _ = resolve_layers(None, spec, ckpt.config, num_layers(spec, ckpt.config))
+    model, tok = load_model(ckpt, device_map="cpu", dtype="float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        req = Path(tmp) / "req.jsonl"
+        req.write_text("".join(json.dumps({k: f[k] for k in ("id", "prompt", "subject", "target")}) + "\n"
+                               for f in facts))
+        requests = load_requests(req)
+    weights = {l: ckpt.read_tensor(spec.down_proj_weight(l)) for l in layers}
+    weights = {l: (w.T if spec.transposed else w) for l, w in weights.items()}
+    biases = {l: None for l in layers}
+    base = quality(model, tok, facts, text)
+    shared = {"load_and_base_probes": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    templates = edit.context_templates(model, tok, hp)
+    cached = None
+    if cache is not None:  # the targets do not depend on the solver: reuse them across runs
+        import hashlib
+
+        import torch
+
+        key = hashlib.sha256(json.dumps([str(model_dir), [f["id"] for f in facts], hp.to_dict(), variants],
+                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
+        path = cache / f"targets-{key}.pt"
+        cached = torch.load(path) if path.exists() else None
+    # The closed form's default sensitive vectors need the push; --multi's ("output") come free.
+    kinds = {v: hp.sensitive_kind(v != "closed-form") for v in variants}
+    if cached is not None:
+        z, z_prob, sens = cached[:3]
+        shared["targets_cached_from_s"] = cached[3] if len(cached) > 3 else None
+    else:
+        first = next((k for k in kinds.values() if k != "output"), "output")
+        z, z_prob, sens0 = edit.edit_targets(model, tok, spec, requests, layers, templates,
+                                             neutral_ids(tok, requests, "eos"), hp, first, out)
+        sens = {first: sens0}
+        if "output" in kinds.values() and first != "output":
+            sens["output"] = edit.sensitive_outputs(model, tok, spec, requests, layers, templates)
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+            torch.save((z, z_prob, sens, round(time.perf_counter() - t0, 1)), path)
+    shared["targets"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    g, kk, _ = collect_stats(model, tok, spec, layers, biases, hp, None, sha256_file_list(dir_digests(ckpt.path)),
+                             out, keys=True)
+    shared["statistics"] = time.perf_counter() - t0
+    rows = {}
+    for v in variants:
+        vhp = dataclasses.replace(hp, solver=v.split("-")[1]) if v != "closed-form" else hp
+        solver = update.closed_form_solver(g, vhp) if v == "closed-form" else update.multi_solver(kk, vhp)
+        t0 = time.perf_counter()
+        try:
+            ups = update.edit_layers(model, tok, spec, requests, layers, weights, biases, z, sens[kinds[v]],
+                                     templates, vhp, solver, out)
+        except NumericalError as exc:  # a variant that cannot take this many requests: record it (exit 5 in zu)
+            rows[v] = {"error": exc.message, "solve_s": round(time.perf_counter() - t0, 1)}
+            continue
+        solve_s = time.perf_counter() - t0
+        with update.applied(model, spec, {u.layer: u.new for u in ups}, biases):
+            after = quality(model, tok, facts, text)
+        rows[v] = {**after, "sensitive": kinds[v], "Spe_retained": round(after["Spe"] / base["Spe"], 3) if base["Spe"] else None,
+                   "PPL_ratio": round(after["PPL"] / base["PPL"], 4), "solve_s": round(solve_s, 1),
+                   "total_s": round(solve_s + shared["targets"] + shared["statistics"], 1),
+                   "rel_change": [round(u.rel_change, 4) for u in ups],
+                   "solver": [{k: (round(x, 4) if isinstance(x, float) else x) for k, x in u.info.items()}
+                              for u in ups]}
+    return {"n": len(facts), "layers": layers, "base": base, "neutral_prob_min": round(float(z_prob.min()), 3),
+            "shared_s": {k: x if x is None else round(x, 1) for k, x in shared.items()}, "variants": rows,
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", help="checkpoint (default: the cached SmolLM2 fp32 conversion)")
+    ap.add_argument("--facts", default=str(ROOT / "tests/data/facts-dev.jsonl"))
+    ap.add_argument("--text", default=str(ROOT / "tests/data/fluency-dev.txt"))
+    ap.add_argument("--sizes", default="10,50,159")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--set", action="append", default=[], help="hyperparameter override k=v (v is JSON)")
+    ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--targets-cache", help="folder keeping the computed targets, reused by a rerun")
+    a = ap.parse_args()
+
+    from zu_cli.config import load_config
+
+    model = Path(a.model) if a.model else __import__("smollm2").smollm2_fp32()
+    facts = [json.loads(l) for l in open(a.facts) if l.strip()]
+    text = Path(a.text).read_text()
+    hp = load_config(None, **{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)})
+    doc = {"model": str(model), "overrides": a.set, "sizes": []}
+    for n in (int(x) for x in a.sizes.split(",")):
+        doc["sizes"].append(run_size(model, facts[:n], text, hp, a.variants.split(","),
+                                      Path(a.targets_cache) if a.targets_cache else None))
+        if a.out:
+            Path(a.out).write_text(json.dumps(doc, indent=1))
+    print(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
