@@ -45,7 +45,7 @@ def check_quality(base, after, n):
     """Design targets (§7): >= 90 % forgotten, paraphrases <= 40 %, neighbours >= 75 % of base, PPL <= +3 %.
 
     Measured on this release (10 facts, fp32 and bf16): 100 % forgotten, 0 % of paraphrases,
-    69 % of neighbours, PPL +4.2 %. The neighbour and perplexity targets are NOT met yet; the
+    69 % of neighbours, PPL +4.5 % (+4.2 % before the targets stage ran under bf16 autocast). The neighbour and perplexity targets are NOT met yet; the
     bounds below hold today's level (the authors' code: 50 % of neighbours, +3 %) so that a
     regression fails, and are to be raised to the targets when the method reaches them.
     """
@@ -109,7 +109,7 @@ def test_zu_verify_on_smollm2(smollm2, edit10, tmp_path):
 
 
 @pytest.mark.xfail(run=False, reason="not met yet: with 50 facts zu forgets 100 % (paraphrases 0 %) but keeps "
-                   "only 30 % of neighbours at perplexity +11 %, and takes ~15 min on 2 cores (bench/quality.py --n 50)")
+                   "only 30 % of neighbours at perplexity +11.5 %, in ~8 min on 2 cores (bench/variants.py --sizes 50)")
 def test_smollm2_fp32_quality_50_facts_design_targets(smollm2, tmp_path):
     facts = FACTS[:50]
     out, _ = unlearn(smollm2, facts, tmp_path)
