@@ -122,20 +122,18 @@ def optim_autocast(device: torch.device, dtype: str):
 
     Args:
         device: the model's input device.
-        dtype: ``float32`` (no autocast), ``bfloat16``, or ``auto``: bfloat16 where the device has
-            fast bfloat16 matrix products (oneDNN on CPU, compute capability >= 8 on CUDA), which
-            about halves the time of the targets stage; the deltas themselves stay float32.
+        dtype: ``float32`` (no autocast), ``bfloat16``, or ``auto``: bfloat16 on a CPU whose
+            oneDNN has bfloat16 kernels and on accelerators with autocast, which about halves
+            the time of the targets stage; the deltas themselves stay float32.
 
     Returns:
         A context manager.
     """
     if dtype == "auto":
-        if device.type == "cuda":
-            fast = torch.cuda.is_bf16_supported()
-        elif device.type == "cpu":
+        if device.type == "cpu":
             fast = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         else:
-            fast = False
+            fast = torch.amp.is_autocast_available(device.type)
         dtype = "bfloat16" if fast else "float32"
     if dtype == "float32":
         return contextlib.nullcontext()

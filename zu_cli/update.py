@@ -25,16 +25,9 @@ from .solve import (MultiWeights, closed_form, guard, multi_exact, multi_gradien
                     stochastic_round)
 
 
-@dataclass(frozen=True)
-class Solver:
-    """One layer's solve.
-
-    Attributes:
-        solve: (layer, W (d, f), K_f (n, f) keys averaged over the templates, T (d, n),
-            M_f (n, d)), all float64 -> (new W (d, f) float64, diagnostics).
-    """
-
-    solve: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
+# One layer's solve: (layer, W (d, f), K_f (n, f) keys averaged over the templates, T (d, n),
+# M_f (n, d)), all float64 -> (new W (d, f) float64, diagnostics).
+Solver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
 
 
 @contextlib.contextmanager
@@ -99,7 +92,7 @@ def closed_form_solver(g: dict[int, torch.Tensor], hp: Hyper) -> Solver:
                              hp.max_rel_change, hp.project_general)
         return d @ w, {"cond": rep.cond, "directions": basis.shape[1]}
 
-    return Solver(solve)
+    return solve
 
 
 def multi_solver(kk: dict[int, torch.Tensor], hp: Hyper) -> Solver:
@@ -131,7 +124,7 @@ def multi_solver(kk: dict[int, torch.Tensor], hp: Hyper) -> Solver:
                 "loss_before": float(multi_loss(torch.zeros_like(w), w, k.T, t, basis, wt))}
         return w + dw, info
 
-    return Solver(solve)
+    return solve
 
 
 def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: list[int], weights: dict[int, torch.Tensor],
@@ -169,7 +162,7 @@ def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: lis
             h = outputs_at(model, tok, bare, [last], n)[last]  # (n, d)
         w = weights[layer].to(torch.float64)  # (d, f)
         t = w @ k.T + (z.to(torch.float64) - h).T / (len(layers) - i)  # (d, n): the residual spread over the layers left
-        new, info = solver.solve(layer, w, k, t, sensitive[layer].to(torch.float64))
+        new, info = solver(layer, w, k, t, sensitive[layer].to(torch.float64))
         if hp.rounding == "stochastic":
             new = stochastic_round(new, weights[layer].dtype, gen)
         else:
