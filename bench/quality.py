@@ -18,17 +18,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def metrics(model_dir: Path, facts: list[dict], text: str) -> dict:
-    from zu_cli.checkpoint import load_model, open_checkpoint
+def quality(model, tok, facts: list[dict], text: str) -> dict:
+    """Eff/Gen/Spe (% still top-1) and perplexity of the model as it runs now (hooks honoured)."""
     from zu_cli.probes import perplexity, probe
 
-    model, tok = load_model(open_checkpoint(model_dir), device_map="cpu", dtype="float32")
     main = probe(model, tok, [(f["prompt"], f["target"]) for f in facts])
     para = probe(model, tok, [(p, f["target"]) for f in facts for p in f.get("paraphrases", [])])
     nbr = probe(model, tok, [(nb["prompt"], nb["target"]) for f in facts for nb in f.get("neighbors", [])])
     pct = lambda xs: round(100.0 * sum(x.top1 for x in xs) / len(xs), 1) if xs else None
     return {"Eff": pct(main), "Gen": pct(para), "Spe": pct(nbr), "PPL": round(perplexity(model, tok, text), 3),
             "n": len(main), "n_para": len(para), "n_nbr": len(nbr)}
+
+
+def metrics(model_dir: Path, facts: list[dict], text: str) -> dict:
+    """``quality`` of a checkpoint on disk."""
+    from zu_cli.checkpoint import load_model, open_checkpoint
+
+    model, tok = load_model(open_checkpoint(model_dir), device_map="cpu", dtype="float32")
+    return quality(model, tok, facts, text)
 
 
 def main() -> int:

@@ -21,19 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from quality import quality  # noqa: E402  (bench/quality.py: the same Eff/Gen/Spe/PPL definitions)
 
 VARIANTS = ("closed-form", "multi-gradient", "multi-exact")
-
-
-def quality(model, tok, facts: list[dict], text: str) -> dict:
-    """Eff/Gen/Spe (% still top-1) and perplexity of the model as it runs now (hooks honoured)."""
-    from zu_cli.probes import perplexity, probe
-
-    main = probe(model, tok, [(f["prompt"], f["target"]) for f in facts])
-    para = probe(model, tok, [(p, f["target"]) for f in facts for p in f.get("paraphrases", [])])
-    nbr = probe(model, tok, [(nb["prompt"], nb["target"]) for f in facts for nb in f.get("neighbors", [])])
-    pct = lambda xs: round(100.0 * sum(x.top1 for x in xs) / len(xs), 1) if xs else None
-    return {"Eff": pct(main), "Gen": pct(para), "Spe": pct(nbr), "PPL": round(perplexity(model, tok, text), 3)}
 
 
 def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[str], cache: Path | None = None) -> dict:
