@@ -60,18 +60,21 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
     shared = {"load_and_base_probes": time.perf_counter() - t0}
     t0 = time.perf_counter()
     templates = edit.context_templates(model, tok, hp)
+    # The closed form's default sensitive vectors need the push; --multi's ("output") come free.
+    kinds = {v: hp.sensitive_kind(v != "closed-form") for v in variants}
     cached = None
     if cache is not None:  # the targets do not depend on the solver: reuse them across runs
         import hashlib
 
         import torch
 
-        key = hashlib.sha256(json.dumps([str(model_dir), [f["id"] for f in facts], hp.to_dict(), variants],
+        # Only what the targets stage reads: solver settings can change without recomputing them.
+        stage = {k: v for k, v in hp.to_dict().items()
+                 if k.startswith(("z_", "sens", "n_prefixes", "prefix_len", "optim_dtype", "seed"))}
+        key = hashlib.sha256(json.dumps([str(model_dir), [f["id"] for f in facts], stage, sorted(set(kinds.values()))],
                                         sort_keys=True, default=str).encode()).hexdigest()[:16]
         path = cache / f"targets-{key}.pt"
         cached = torch.load(path) if path.exists() else None
-    # The closed form's default sensitive vectors need the push; --multi's ("output") come free.
-    kinds = {v: hp.sensitive_kind(v != "closed-form") for v in variants}
     if cached is not None:
         z, z_prob, sens = cached[:3]
         shared["targets_cached_from_s"] = cached[3] if len(cached) > 3 else None

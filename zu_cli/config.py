@@ -36,7 +36,8 @@ class Hyper:
     --multi (§2.8): eigenvalues of E[k k^T] below ``null_threshold`` span the null space;
     ``solver`` ``gradient`` (Adam, ``multi_steps`` at ``multi_lr``, reference) or ``exact``
     (least squares); ``multi_sensitive_weight``, ``multi_target_weight`` and
-    ``multi_norm_weight`` weight the loss's three terms.
+    ``multi_norm_weight`` weight the loss's three terms; ``multi_general_weight`` adds
+    E||dW k||^2 over general keys (zu's soft null space; 0 is the reference's loss).
     Guards: ``max_rel_change`` bounds ||dW||/||W|| per layer, ``max_cond`` the condition number.
     ``rounding``: how an edited tensor is cast back to a low-precision checkpoint dtype.
     """
@@ -68,6 +69,7 @@ class Hyper:
     multi_sensitive_weight: float = 1.0
     multi_target_weight: float = 100.0
     multi_norm_weight: float = 0.1
+    multi_general_weight: float = 0.0
     max_rel_change: float = 1.5
     max_cond: float = 1e12
     rounding: str = "stochastic"

@@ -143,77 +143,120 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
     return x.to(dtype)
 
 
-def null_space(kkt: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
-    """Projector onto the directions general text barely excites (design §2.8, as AlphaEdit).
+@dataclass(frozen=True)
+class NullSpace:
+    """The directions of key space general text barely excites (design §2.8, as AlphaEdit).
+
+    Attributes:
+        basis: U (f, m), orthonormal eigenvectors of E[k k^T] with eigenvalues below the threshold.
+        evals: their eigenvalues (m,): how much general text still excites each direction.
+    """
+
+    basis: torch.Tensor
+    evals: torch.Tensor
+
+    @property
+    def dim(self) -> int:
+        """m, the rank of the null space."""
+        return self.basis.shape[1]
+
+    @property
+    def projector(self) -> torch.Tensor:
+        """P_null = U U^T (f, f)."""
+        return self.basis @ self.basis.T
+
+
+def null_space(kkt: torch.Tensor, threshold: float) -> NullSpace:
+    """Eigenvectors of the general key covariance with eigenvalues below ``threshold``.
 
     Args:
         kkt: E[k k^T] (f, f) over general text, k the down-projection's input.
         threshold: eigenvalues below it count as the null space (reference: 2e-2).
 
     Returns:
-        (P_null (f, f) float64, its rank).
+        The NullSpace (float64); ``dim`` 0 when no eigenvalue is below the threshold.
     """
     evals, evecs = torch.linalg.eigh(kkt.to(torch.float64))  # ascending; kkt is symmetric PSD
-    u = evecs[:, evals < threshold]  # (f, m)
-    return u @ u.T, u.shape[1]
+    keep = evals < threshold
+    return NullSpace(basis=evecs[:, keep], evals=evals[keep].clamp_min(0.0))
 
 
 @dataclass(frozen=True)
 class MultiWeights:
-    """Weights of the --multi loss: sensitive * ||V^T (W+dW) K||^2 + target * ||(W+dW) K - T||^2 + norm * ||dW||^2."""
+    """Weights of the --multi loss (design §2.8), an additive dW in the null space:
+
+    sensitive * ||V^T (W+dW) K||^2 + target * ||(W+dW) K - T||^2 + norm * ||dW||^2
+    + general * E||dW k||^2 over general keys k (zu's addition; 0 is the reference's loss).
+    """
 
     sensitive: float = 1.0
     target: float = 100.0
     norm: float = 0.1
+    general: float = 0.0
 
 
 def multi_loss(dw: torch.Tensor, w: torch.Tensor, k: torch.Tensor, t: torch.Tensor, basis: torch.Tensor,
-               wt: MultiWeights) -> torch.Tensor:
+               wt: MultiWeights, kkt: torch.Tensor | None = None) -> torch.Tensor:
     """The --multi objective for an additive update (design §2.8).
 
     Args:
         dw: dW (d, f); w: W (d, f); k: forget keys K_f (f, n); t: targets T (d, n);
         basis: V (d, r), orthonormal sensitive output directions.
+        kkt: E[k k^T] (f, f), needed when ``wt.general`` is not 0.
 
     Returns:
         Scalar loss.
     """
     out = (w + dw) @ k  # (d, n)
-    return (wt.sensitive * (basis.T @ out).square().sum() + wt.target * (out - t).square().sum()
+    loss = (wt.sensitive * (basis.T @ out).square().sum() + wt.target * (out - t).square().sum()
             + wt.norm * dw.square().sum())
+    if wt.general and kkt is not None:
+        loss = loss + wt.general * torch.trace(dw @ kkt.to(dw.dtype) @ dw.T)  # E||dW k||^2 = tr(dW E[kk^T] dW^T)
+    return loss
 
 
-def multi_exact(w: torch.Tensor, k: torch.Tensor, t: torch.Tensor, basis: torch.Tensor, p_null: torch.Tensor,
+def _diag_weights(null: NullSpace, wt: MultiWeights) -> torch.Tensor:
+    """(m,) weight of ||dW u_j||^2 in the loss: norm + general * eigenvalue (u_j are eigenvectors of E[kk^T])."""
+    return wt.norm + wt.general * null.evals
+
+
+def multi_exact(w: torch.Tensor, k: torch.Tensor, t: torch.Tensor, basis: torch.Tensor, null: NullSpace,
                 wt: MultiWeights) -> torch.Tensor:
-    """The exact minimiser of ``multi_loss`` over dW = D P_null (the loss is quadratic in D).
+    """The exact minimiser of ``multi_loss`` over dW = X U^T (rows in the null space; the loss is quadratic).
 
-    Setting the gradient to zero gives Q dW Kp Kp^T + norm dW = R Kp^T with Kp = P_null K,
-    Q = target I + sensitive V V^T and R = target (T - W K) - sensitive V V^T W K. Q has two
-    eigenvalues (on span V and off it), and Kp^T (q Kp Kp^T + c I)^-1 = (q Kp^T Kp + c I)^-1 Kp^T,
-    so the solve is two n x n systems instead of an f x f one.
+    With Ku = U^T K (m, n) and M = diag(norm + general * eigenvalues) (m, m), the gradient vanishes
+    where Q X Ku Ku^T + X M = R Ku^T, Q = target I + sensitive V V^T and
+    R = target (T - W K) - sensitive V V^T W K. Q has two eigenvalues (on span V and off it), and
+    Ku^T (q Ku Ku^T + M)^-1 = (q Ku^T M^-1 Ku + I)^-1 Ku^T M^-1, so the solve is two n x n systems.
 
     Args:
-        w: W (d, f); k: K_f (f, n); t: T (d, n); basis: V (d, r) orthonormal; p_null: (f, f).
+        w: W (d, f); k: K_f (f, n); t: T (d, n); basis: V (d, r) orthonormal; null: the NullSpace.
 
     Returns:
         dW (d, f) float64, rows in the null space.
+
+    Raises:
+        NumericalError: a zero weight on some null direction (norm and general both 0).
     """
-    w, k, t, v, p = (x.to(torch.float64) for x in (w, k, t, basis, p_null))
-    kp = p @ k  # (f, n)
+    w, k, t, v, u = (x.to(torch.float64) for x in (w, k, t, basis, null.basis))
+    m_diag = _diag_weights(null, wt).to(torch.float64)  # (m,)
+    if not bool((m_diag > 0).all()):
+        raise NumericalError("the exact --multi solve needs multi_norm_weight > 0 (or multi_general_weight > 0)")
+    ku = u.T @ k  # (m, n)
+    ku_m = ku / m_diag[:, None]  # M^-1 Ku (m, n)
     wk = w @ k  # (d, n)
     vvt = v @ v.T  # (d, d)
     r = wt.target * (t - wk) - wt.sensitive * vvt @ wk  # (d, n)
-    gram = kp.T @ kp  # (n, n)
+    gram = ku.T @ ku_m  # Ku^T M^-1 Ku (n, n)
     eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    dw = torch.zeros_like(w)
+    x = torch.zeros(w.shape[0], u.shape[1], dtype=torch.float64, device=w.device)  # (d, m)
     for q, part in ((wt.target + wt.sensitive, vvt @ r), (wt.target, r - vvt @ r)):
-        # part @ (q G + c I)^-1: solve the symmetric system from the right.
-        coef = torch.linalg.solve(q * gram + wt.norm * eye, part.T).T  # (d, n)
-        dw = dw + coef @ kp.T
-    return dw
+        coef = torch.linalg.solve(q * gram + eye, part.T).T  # part (q Ku^T M^-1 Ku + I)^-1 (d, n); gram is symmetric
+        x = x + coef @ ku_m.T
+    return x @ u.T
 
 
-def multi_gradient(w: torch.Tensor, k: torch.Tensor, t: torch.Tensor, basis: torch.Tensor, p_null: torch.Tensor,
+def multi_gradient(w: torch.Tensor, k: torch.Tensor, t: torch.Tensor, basis: torch.Tensor, null: NullSpace,
                    wt: MultiWeights, steps: int = 500, lr: float = 1e-3) -> tuple[torch.Tensor, int]:
     """Minimise ``multi_loss`` over dW = D P_null with Adam on D, from D = 0 (the reference's path).
 
@@ -222,17 +265,16 @@ def multi_gradient(w: torch.Tensor, k: torch.Tensor, t: torch.Tensor, basis: tor
     the same.
 
     Args:
-        w, k, t, basis, p_null: as ``multi_exact``.
+        w, k, t, basis, null: as ``multi_exact``.
         steps: Adam steps (reference 500); stops early once the loss is below 1e-8.
         lr: Adam learning rate (reference 1e-3).
 
     Returns:
         (dW (d, f) float64, steps taken).
     """
-    w, k, t, v, p = (x.to(torch.float64) for x in (w, k, t, basis, p_null))
-    evals, evecs = torch.linalg.eigh(p)
-    u = evecs[:, evals > 0.5]  # (f, m): P_null's range (its eigenvalues are 0 or 1)
-    kp = p @ k  # (f, n)
+    w, k, t, v, u = (x.to(torch.float64) for x in (w, k, t, basis, null.basis))
+    m_diag = _diag_weights(null, wt).to(torch.float64)  # (m,)
+    kp = u @ (u.T @ k)  # P_null K (f, n)
     wk = w @ k  # (d, n)
     d = torch.zeros_like(w, requires_grad=True)
     opt = torch.optim.Adam([d], lr=lr)
@@ -242,9 +284,9 @@ def multi_gradient(w: torch.Tensor, k: torch.Tensor, t: torch.Tensor, basis: tor
             opt.zero_grad()
             out = wk + d @ kp  # (d, n)
             loss = (wt.sensitive * (v.T @ out).square().sum() + wt.target * (out - t).square().sum()
-                    + wt.norm * (d @ u).square().sum())
+                    + ((d @ u).square() * m_diag).sum())
             if float(loss.detach()) < 1e-8:
                 break
             loss.backward()
             opt.step()
-    return (d.detach() @ p), taken
+    return (d.detach() @ u) @ u.T, taken

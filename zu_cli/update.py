@@ -105,23 +105,23 @@ def multi_solver(kk: dict[int, torch.Tensor], hp: Hyper) -> Solver:
     Raises (from the returned solver):
         NumericalError: an empty null space, non-finite values or too large a change (exit 5).
     """
-    wt = MultiWeights(hp.multi_sensitive_weight, hp.multi_target_weight, hp.multi_norm_weight)
+    wt = MultiWeights(hp.multi_sensitive_weight, hp.multi_target_weight, hp.multi_norm_weight, hp.multi_general_weight)
 
     def solve(layer, w, k, t, sens):
-        p_null, dim = null_space(kk[layer], hp.null_threshold)
-        if dim == 0:
+        null = null_space(kk[layer], hp.null_threshold)
+        if null.dim == 0:
             raise NumericalError(f"layer {layer}: E[k k^T] has no eigenvalue below {hp.null_threshold:g}; "
                                  "there is no null space to edit in", hint="raise null_threshold in --config")
         _, basis = projector(sens, hp.epsilon)
         steps = None
         if hp.solver == "exact":
-            dw = multi_exact(w, k.T, t, basis, p_null, wt)
+            dw = multi_exact(w, k.T, t, basis, null, wt)
         else:
-            dw, steps = multi_gradient(w, k.T, t, basis, p_null, wt, hp.multi_steps, hp.multi_lr)
+            dw, steps = multi_gradient(w, k.T, t, basis, null, wt, hp.multi_steps, hp.multi_lr)
         guard(w, w + dw, hp.max_rel_change)
-        info = {"null_dim": dim, "directions": basis.shape[1], "steps": steps,
-                "loss": float(multi_loss(dw, w, k.T, t, basis, wt)),
-                "loss_before": float(multi_loss(torch.zeros_like(w), w, k.T, t, basis, wt))}
+        info = {"null_dim": null.dim, "directions": basis.shape[1], "steps": steps,
+                "loss": float(multi_loss(dw, w, k.T, t, basis, wt, kk[layer])),
+                "loss_before": float(multi_loss(torch.zeros_like(w), w, k.T, t, basis, wt, kk[layer]))}
         return w + dw, info
 
     return solve
