@@ -55,8 +55,6 @@ def applied(model, spec: ArchSpec, new_weights: dict[int, torch.Tensor],
         yield
 
 
-
-
 @dataclass
 class LayerUpdate:
     """The edit of one down-projection.
