@@ -29,6 +29,7 @@ def test_write_round_trip_changes_only_the_edited_tensor(tiny_models, tmp_path, 
     out = write_checkpoint(ckpt, tmp_path / "out", {name: new})
 
     edited_shard = ckpt.weight_map[name]
+    assert (out / edited_shard).stat().st_size == (src / edited_shard).stat().st_size  # layout kept
     for shard in ckpt.shards():
         same = filecmp.cmp(src / shard, out / shard, shallow=False)
         assert same == (shard != edited_shard), shard
@@ -69,15 +70,17 @@ def test_single_file_checkpoint_and_tied_weights(tmp_path):
 
 
 def test_interrupted_write_leaves_nothing(tiny_models, tmp_path, monkeypatch):
-    import safetensors.torch
+    import zu_cli.checkpoint as C
 
     ckpt = open_checkpoint(tiny_models["llama"])
     name = ckpt.spec.down_proj_weight(1)
+    real = C._overwrite_tensors
 
-    def boom(*a, **k):
+    def boom(*a, **k):  # interrupted after the edited shard's bytes were written
+        real(*a, **k)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(C, "_overwrite_tensors", boom)
     with pytest.raises(KeyboardInterrupt):
         write_checkpoint(ckpt, tmp_path / "out", {name: ckpt.read_tensor(name)})
     assert list(tmp_path.iterdir()) == []

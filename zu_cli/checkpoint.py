@@ -228,10 +228,11 @@ def write_checkpoint(ckpt: Checkpoint, out: str | Path, edited: dict[str, Any], 
                      finalize: Callable[[Path], None] | None = None) -> Path:
     """Write ``ckpt`` with ``edited`` tensors replaced, atomically (design §3).
 
-    Shards without an edited tensor are copied byte for byte; edited shards are rewritten with
-    every tensor's name, dtype and shape and the shard metadata kept; edited tensors are cast to
-    the dtype stored on disk. Everything else in the directory is carried over. The output is
-    built in a temporary sibling and renamed into place.
+    Every file is copied byte for byte; in a shard holding an edited tensor, only that tensor's
+    bytes are then overwritten in place (cast to the dtype stored on disk), so the header, the
+    metadata, every other tensor and the byte layout stay as they were, and memory holds one
+    tensor at a time rather than the shard. Everything else in the directory is carried over.
+    The output is built in a temporary sibling and renamed into place.
 
     Args:
         ckpt: the source checkpoint (never modified).
@@ -248,9 +249,6 @@ def write_checkpoint(ckpt: Checkpoint, out: str | Path, edited: dict[str, Any], 
         UsageError: ``out`` exists without ``force``, or is the input (exit 2).
         CheckpointError: an edited tensor is unknown or has the wrong shape (exit 3).
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     out = Path(out)
     check_out(ckpt, out, force)
     by_shard: dict[str, dict[str, Any]] = {}
@@ -271,16 +269,8 @@ def write_checkpoint(ckpt: Checkpoint, out: str | Path, edited: dict[str, Any], 
             if str(rel) not in by_shard:
                 shutil.copyfile(src, dst)
                 continue
-            with safe_open(src, framework="pt") as f:
-                meta = f.metadata()
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            for name, new in by_shard[str(rel)].items():
-                old = tensors[name]
-                if tuple(new.shape) != tuple(old.shape):
-                    raise CheckpointError(f"{src}: edited tensor {name!r} has shape {tuple(new.shape)}, "
-                                          f"stored {tuple(old.shape)}")
-                tensors[name] = new.detach().to(device="cpu", dtype=old.dtype).contiguous()
-            save_file(tensors, dst, metadata=meta)
+            shutil.copyfile(src, dst)
+            _overwrite_tensors(src, dst, by_shard[str(rel)])
         if finalize is not None:
             finalize(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
@@ -295,3 +285,46 @@ def write_checkpoint(ckpt: Checkpoint, out: str | Path, edited: dict[str, Any], 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _overwrite_tensors(src: Path, dst: Path, edited: dict[str, Any]) -> None:
+    """Overwrite the bytes of ``edited`` tensors in ``dst``, a byte copy of the safetensors file ``src``.
+
+    The safetensors layout is an 8-byte little-endian header length, a JSON header giving each
+    tensor's ``data_offsets`` within the data section, then the data. An edited tensor keeps its
+    name, dtype and shape, so its byte range is unchanged and no other byte moves.
+
+    Raises:
+        CheckpointError: an edited tensor's shape differs from the stored one (exit 3).
+    """
+    import sys
+
+    import torch
+    from safetensors import safe_open
+
+    if sys.byteorder != "little":  # safetensors data is little-endian; tensors' bytes are native
+        raise CheckpointError(f"{src}: writing safetensors on a big-endian machine is not supported")
+    with open(src, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    with safe_open(src, framework="pt") as f, open(dst, "r+b") as g:
+        for name, new in edited.items():
+            stored = f.get_slice(name)
+            shape = tuple(stored.get_shape())
+            if tuple(new.shape) != shape:
+                raise CheckpointError(f"{src}: edited tensor {name!r} has shape {tuple(new.shape)}, stored {shape}")
+            data = new.detach().to(device="cpu", dtype=_disk_dtype(stored.get_dtype(), torch)).contiguous()
+            raw = data.reshape(-1).view(torch.uint8).numpy().tobytes()  # native order: little-endian, checked above
+            begin, end = header[name]["data_offsets"]
+            if end - begin != len(raw):
+                raise CheckpointError(f"{src}: tensor {name!r} takes {end - begin} bytes on disk, edit has {len(raw)}")
+            g.seek(8 + n + begin)
+            g.write(raw)
+
+
+def _disk_dtype(code: str, torch) -> Any:
+    """The torch dtype of a safetensors dtype code (``F32``, ``BF16``, ...)."""
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    if code not in table:
+        raise CheckpointError(f"stored dtype {code} is not a float dtype zu can edit")
+    return table[code]

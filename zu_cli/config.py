@@ -22,7 +22,9 @@ class Hyper:
     ``z_weight_decay`` the delta's squared norm; stop early once the neutral target's mean
     probability reaches ``z_stop_prob`` (each request on its own). ``optim_dtype``: precision of
     the optimisation's forward passes (``auto``: bfloat16 autocast where the device does it fast);
-    ``batch_requests`` requests are optimised together (memory grows with it, results do not change).
+    Requests are optimised in batches (memory grows with a batch, results do not change):
+    ``batch_requests`` at a time, or with 0 as many as keep about ``activation_budget`` times the
+    model's weight bytes for the backward pass (at least one request per batch).
     Sensitive vectors (§2.4): the same optimiser pushes toward the true target for
     ``sens_steps``; ``sensitive`` picks the vectors whose span P removes: ``pushed`` (the output
     plus the push, reference), ``delta`` (the push alone: the answer's direction), ``output``
@@ -51,7 +53,8 @@ class Hyper:
     z_weight_decay: float = 0.5
     z_stop_prob: float = 0.95
     optim_dtype: str = "auto"
-    batch_requests: int = 16
+    batch_requests: int = 0
+    activation_budget: float = 0.25
     sens_steps: int = 25
     sensitive: str = "auto"
     project_general: bool = False
@@ -125,4 +128,8 @@ def load_config(path: Path | None, **overrides: Any) -> Hyper:
                          ("solver", ("gradient", "exact")), ("optim_dtype", ("auto", "float32", "bfloat16"))):
         if key in values and values[key] not in allowed:
             raise InputFileError(f"{path or 'config'}: field {key!r} must be one of {', '.join(allowed)}")
+    for key, ok, what in (("batch_requests", lambda v: v >= 0, ">= 0 (0: by activation_budget)"),
+                          ("activation_budget", lambda v: v > 0, "> 0")):
+        if key in values and not ok(values[key]):
+            raise InputFileError(f"{path or 'config'}: field {key!r} must be {what}, got {values[key]!r}")
     return Hyper(**values)

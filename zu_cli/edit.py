@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .arch import ArchSpec
+from .arch import ArchSpec, num_layers
+from .budget import bytes_per_token, model_bytes, optim_autocast, optim_dtype, plan_batches
 from .config import Hyper
 from .console import Output
 from .hooks import Trace, TraceDict, replay_below
@@ -99,45 +100,27 @@ def _concat(a: Rows, b: Rows) -> Rows:
 
 
 @torch.no_grad()
-def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs: bool = False) -> dict[str, torch.Tensor]:
+def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs: bool = False,
+               chunk: int = 16) -> dict[str, torch.Tensor]:
     """Each module's output (or input) at the lookup token, averaged per request over its rows.
+
+    Rows are run ``chunk`` at a time: a pass's transient activations grow with its rows (60
+    rows of SmolLM2 took 100 MB more), and only the lookup token's vector is kept.
 
     Returns:
         module -> (n, dim) float64 on CPU.
     """
-    batch = left_pad(rows.seqs, tok.pad_token_id, input_device(model))
-    look = torch.tensor(rows.lookup) + batch.offset.cpu()
+    picked: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+    for b in range(0, len(rows.seqs), chunk):
+        batch = left_pad(rows.seqs[b:b + chunk], tok.pad_token_id, input_device(model))
+        look = torch.tensor(rows.lookup[b:b + chunk]) + batch.offset.cpu()
+        with TraceDict(model, modules, retain_input=inputs, retain_output=not inputs, stop=True) as td:
+            model(**batch.kwargs())
+        for m in modules:
+            x = as_tokens(td[m].input if inputs else td[m].output, *batch.ids.shape)  # (rows, seq, dim)
+            picked[m].append(x[torch.arange(len(look)), look.to(x.device)].to(device="cpu", dtype=torch.float64))
     owner = torch.tensor(rows.owner)
-    with TraceDict(model, modules, retain_input=inputs, retain_output=not inputs, stop=True) as td:
-        model(**batch.kwargs())
-    res = {}
-    for m in modules:
-        x = as_tokens(td[m].input if inputs else td[m].output, *batch.ids.shape).to(device="cpu", dtype=torch.float64)
-        res[m] = _mean_by(owner, x[torch.arange(len(rows.seqs)), look], n)  # (n, dim)
-    return res
-
-
-def optim_autocast(device: torch.device, dtype: str):
-    """The autocast context for the delta optimisation's forward passes.
-
-    Args:
-        device: the model's input device.
-        dtype: ``float32`` (no autocast), ``bfloat16``, or ``auto``: bfloat16 on a CPU whose
-            oneDNN has bfloat16 kernels and on accelerators with autocast, which about halves
-            the time of the targets stage; the deltas themselves stay float32.
-
-    Returns:
-        A context manager.
-    """
-    if dtype == "auto":
-        if device.type == "cpu":
-            fast = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        else:
-            fast = torch.amp.is_autocast_available(device.type)
-        dtype = "bfloat16" if fast else "float32"
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return {m: _mean_by(owner, torch.cat(picked[m]), n) for m in modules}  # (n, dim)
 
 
 def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, modules: list[str], start: int, n: int,
@@ -276,8 +259,8 @@ def edit_targets(model, tok, spec: ArchSpec, requests: list[Request], layers: li
                  out: Output) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
     """What every solver needs besides the keys: neutral targets z (§2.3) and sensitive vectors (§2.4).
 
-    Requests are optimised ``hp.batch_requests`` at a time: each request's delta depends only on
-    its own rows (Adam is invariant to the loss's scale), so the result is the one big batch's,
+    Requests are optimised in consecutive batches (``plan``): each request's delta depends only
+    on its own rows (Adam is invariant to the loss's scale), so the result is the one big batch's,
     while the activations kept for the backward pass stay bounded.
 
     Args:
@@ -294,11 +277,28 @@ def edit_targets(model, tok, spec: ArchSpec, requests: list[Request], layers: li
         probability of the neutral target reached per request (n,),
         layer -> M_f (n, d) sensitive down-projection outputs), float32 on CPU.
     """
-    size = max(1, hp.batch_requests)
-    parts = [_targets_batch(model, tok, spec, requests[b:b + size], layers, templates, neutral[b:b + size], hp,
-                            sensitive, out) for b in range(0, len(requests), size)]
+    parts = [_targets_batch(model, tok, spec, requests[b], layers, templates, neutral[b], hp, sensitive, out)
+             for b in plan(model, tok, spec, requests, layers, templates, neutral, hp, sensitive)]
     return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
             {l: torch.cat([p[2][l] for p in parts]) for l in layers})
+
+
+def plan(model, tok, spec: ArchSpec, requests: list[Request], layers: list[int], templates: list[str],
+         neutral: list[list[int]], hp: Hyper, sensitive: str) -> list[slice]:
+    """The request batches of the targets stage: ``hp.batch_requests`` at a time, or (0) as many as
+    keep about ``hp.activation_budget`` times the model's weight bytes for the backward pass.
+
+    Returns:
+        Consecutive slices over ``requests``.
+    """
+    pushed = sensitive != "output"  # a second optimisation, through the down-projections of every layer
+    rows = [build_rows(tok, [r], templates, [t]) for r, t in zip(requests, neutral)]
+    sizes = [(len(z.seqs) + 1, max(len(s) for s in z.seqs) + (len(encode_target(tok, r.target)) if pushed else 0))
+             for z, r in zip(rows, requests)]  # +1: the "{subject} is a" row
+    start = layers[0] if pushed else layers[-1]
+    per_token = bytes_per_token(model, spec.down_proj_module(layers[0]), num_layers(spec, model.config) - start,
+                                optim_dtype(input_device(model), hp.optim_dtype))
+    return plan_batches(sizes, per_token, int(hp.activation_budget * model_bytes(model)), hp.batch_requests)
 
 
 def _targets_batch(model, tok, spec: ArchSpec, requests: list[Request], layers: list[int], templates: list[str],

@@ -1,0 +1,85 @@
+"""Memory bounds of the targets stage: request batches by budget, and batching leaves results alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zu_cli.budget import bytes_per_token, model_bytes, plan_batches
+from zu_cli.checkpoint import load_model, open_checkpoint
+from zu_cli.config import Hyper, load_config
+from zu_cli.console import silent
+from zu_cli.edit import context_templates, edit_targets, plan
+from zu_cli.errors import InputFileError
+from zu_cli.requests import Request
+from zu_cli.text import neutral_ids
+
+
+def test_batches_fit_the_budget_cover_every_request_in_order():
+    sizes = [(7, 20), (7, 30), (7, 10), (14, 25), (7, 12)]
+    per_token = 1000
+    budget = 7 * 30 * 2 * per_token  # two requests of the longest kind
+    got = plan_batches(sizes, per_token, budget)
+    assert [i for s in got for i in range(s.start, s.stop)] == list(range(len(sizes)))
+    for s in got:
+        rows = sum(sizes[i][0] for i in range(s.start, s.stop))
+        longest = max(sizes[i][1] for i in range(s.start, s.stop))
+        assert s.stop - s.start == 1 or rows * longest * per_token <= budget  # padded to the longest row
+    assert len(got) > 1 and any(s.stop - s.start > 1 for s in got)
+    assert plan_batches(sizes, per_token, 1) == [slice(i, i + 1) for i in range(5)]  # too big: alone
+    assert plan_batches(sizes, per_token, 10**12) == [slice(0, 5)]
+    assert plan_batches(sizes, per_token, 1, fixed=2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert plan_batches([], per_token, budget) == []
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    ckpt = open_checkpoint(tiny_models["llama"])
+    model, tok = load_model(ckpt, device_map="cpu", dtype="float32")
+    reqs = [Request(id=str(i), prompt=p, target=t, subject=s) for i, (p, s, t) in enumerate([
+        ("The quick brown fox jumps over", "brown fox", "dogs"), ("Paris is the capital of", "Paris", "France"),
+        ("My phone number is", None, "555"), ("The river Thames flows through", "Thames", "London")])]
+    return ckpt, model, tok, reqs
+
+
+def test_auto_batches_follow_the_activation_budget(llama):
+    ckpt, model, tok, reqs = llama
+    layers = [1, 2]
+    tpl = context_templates(model, tok, Hyper(n_prefixes=2, prefix_len=4))
+    neutral = neutral_ids(tok, reqs, "eos")
+    plans = {b: plan(model, tok, ckpt.spec, reqs, layers, tpl, neutral, Hyper(activation_budget=b), "pushed")
+             for b in (1e-9, 1e9)}
+    assert plans[1e-9] == [slice(i, i + 1) for i in range(4)] and plans[1e9] == [slice(0, 4)]
+    assert plan(model, tok, ckpt.spec, reqs, layers, tpl, neutral, Hyper(batch_requests=3), "pushed") == \
+        [slice(0, 3), slice(3, 4)]
+    assert model_bytes(model) == sum(p.numel() * 4 for p in model.parameters())
+    # More layers to back-propagate through, or float32 activations, keep more per token.
+    down = ckpt.spec.down_proj_module(0)
+    assert bytes_per_token(model, down, 2, "bfloat16") * 2 == bytes_per_token(model, down, 4, "bfloat16") \
+        == bytes_per_token(model, down, 2, "float32")
+
+
+def test_batching_does_not_change_the_targets(llama):
+    ckpt, model, tok, reqs = llama
+    layers = [1, 2]
+    tpl = context_templates(model, tok, Hyper(n_prefixes=2, prefix_len=4))
+    neutral = neutral_ids(tok, reqs, "eos")
+    res = {}
+    for b in (1, 4):
+        hp = Hyper(batch_requests=b, optim_dtype="float32", z_steps=5, sens_steps=5)
+        res[b] = edit_targets(model, tok, ckpt.spec, reqs, layers, tpl, neutral, hp, "pushed", silent())
+    z1, p1, s1 = res[1]
+    z4, p4, s4 = res[4]
+    assert not torch.equal(z1, torch.zeros_like(z1))
+    torch.testing.assert_close(z1, z4, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(p1, p4, rtol=1e-3, atol=1e-5)
+    for l in layers:
+        torch.testing.assert_close(s1[l], s4[l], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("key,val", [("batch_requests", -1), ("activation_budget", 0.0)])
+def test_budget_settings_out_of_range_are_refused(tmp_path, key, val):
+    cfg = tmp_path / "zu.yaml"
+    cfg.write_text(f"{key}: {val}\n")
+    with pytest.raises(InputFileError, match=key):
+        load_config(cfg)
