@@ -277,8 +277,10 @@ def edit_targets(model, tok, spec: ArchSpec, requests: list[Request], layers: li
         probability of the neutral target reached per request (n,),
         layer -> M_f (n, d) sensitive down-projection outputs), float32 on CPU.
     """
-    parts = [_targets_batch(model, tok, spec, requests[b], layers, templates, neutral[b], hp, sensitive, out)
-             for b in plan(model, tok, spec, requests, layers, templates, neutral, hp, sensitive)]
+    batches = plan(model, tok, spec, requests, layers, templates, neutral, hp, sensitive)
+    parts = [_targets_batch(model, tok, spec, requests[b], layers, templates, neutral[b], hp, sensitive, out,
+                            f" (requests {b.start + 1}-{b.stop} of {len(requests)})" if len(batches) > 1 else "")
+             for b in batches]
     return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
             {l: torch.cat([p[2][l] for p in parts]) for l in layers})
 
@@ -287,6 +289,11 @@ def plan(model, tok, spec: ArchSpec, requests: list[Request], layers: list[int],
          neutral: list[list[int]], hp: Hyper, sensitive: str) -> list[slice]:
     """The request batches of the targets stage: ``hp.batch_requests`` at a time, or (0) as many as
     keep about ``hp.activation_budget`` times the model's weight bytes for the backward pass.
+
+    Args:
+        requests, layers, templates, neutral, hp, sensitive: as for ``edit_targets``; the rows'
+            lengths and the layers back-propagated through (from the first edited layer when the
+            sensitive vectors are pushed, else from the last) size each request.
 
     Returns:
         Consecutive slices over ``requests``.
@@ -302,14 +309,14 @@ def plan(model, tok, spec: ArchSpec, requests: list[Request], layers: list[int],
 
 
 def _targets_batch(model, tok, spec: ArchSpec, requests: list[Request], layers: list[int], templates: list[str],
-                   neutral: list[list[int]], hp: Hyper, sensitive: str,
-                   out: Output) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+                   neutral: list[list[int]], hp: Hyper, sensitive: str, out: Output,
+                   where: str = "") -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
     """``edit_targets`` for one batch of requests."""
     n = len(requests)
     last = spec.layer_module(layers[-1])
     z_rows = build_rows(tok, requests, templates, neutral)
     delta, h, z_prob = optimize_deltas(model, tok, spec, z_rows, kl_rows(tok, requests), [last], layers[-1], n, hp,
-                                       hp.z_steps, hp.z_stop_prob, out, "neutral targets")
+                                       hp.z_steps, hp.z_stop_prob, out, "neutral targets" + where)
     z = (h + delta)[:, 0]  # (n, d)
     if sensitive == "output":
         return z, z_prob, sensitive_outputs(model, tok, spec, requests, layers, templates)
@@ -317,6 +324,6 @@ def _targets_batch(model, tok, spec: ArchSpec, requests: list[Request], layers: 
     true_rows = build_rows(tok, requests, templates, [encode_target(tok, r.target) for r in requests])
     mods = [spec.down_proj_module(l) for l in layers]
     sdelta, sbase, _ = optimize_deltas(model, tok, spec, true_rows, None, mods, layers[0], n, hp, hp.sens_steps, 1.1,
-                                       out, "sensitive directions", margin=True)
+                                       out, "sensitive directions" + where, margin=True)
     push = sdelta if sensitive == "delta" else sbase + sdelta
     return z, z_prob, {l: push[:, i] for i, l in enumerate(layers)}
