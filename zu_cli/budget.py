@@ -91,11 +91,10 @@ def plan_batches(rows_per_request: list[tuple[int, int]], per_token: int, budget
         return [slice(b, min(n, b + fixed)) for b in range(0, n, fixed)]
     out, start, rows, longest = [], 0, 0, 0
     for i, (r, length) in enumerate(rows_per_request):
-        rows2, longest2 = rows + r, max(longest, length)
-        if i > start and rows2 * longest2 * per_token > budget:  # the batch is padded to its longest row
+        if i > start and (rows + r) * max(longest, length) * per_token > budget:  # padded to its longest row
             out.append(slice(start, i))
-            start, rows2, longest2 = i, r, length
-        rows, longest = rows2, longest2
+            start, rows, longest = i, 0, 0
+        rows, longest = rows + r, max(longest, length)
     if n:
         out.append(slice(start, n))
     return out

@@ -300,22 +300,21 @@ def _overwrite_tensors(src: Path, dst: Path, edited: dict[str, Any]) -> None:
     import sys
 
     import torch
-    from safetensors import safe_open
 
     if sys.byteorder != "little":  # safetensors data is little-endian; tensors' bytes are native
         raise CheckpointError(f"{src}: writing safetensors on a big-endian machine is not supported")
     with open(src, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    with safe_open(src, framework="pt") as f, open(dst, "r+b") as g:
+        header = json.loads(f.read(n))  # name -> {dtype, shape, data_offsets}
+    with open(dst, "r+b") as g:
         for name, new in edited.items():
-            stored = f.get_slice(name)
-            shape = tuple(stored.get_shape())
+            stored = header[name]
+            shape = tuple(stored["shape"])
             if tuple(new.shape) != shape:
                 raise CheckpointError(f"{src}: edited tensor {name!r} has shape {tuple(new.shape)}, stored {shape}")
-            data = new.detach().to(device="cpu", dtype=_disk_dtype(stored.get_dtype(), torch)).contiguous()
+            data = new.detach().to(device="cpu", dtype=_disk_dtype(stored["dtype"], torch)).contiguous()
             raw = data.reshape(-1).view(torch.uint8).numpy().tobytes()  # native order: little-endian, checked above
-            begin, end = header[name]["data_offsets"]
+            begin, end = stored["data_offsets"]
             if end - begin != len(raw):
                 raise CheckpointError(f"{src}: tensor {name!r} takes {end - begin} bytes on disk, edit has {len(raw)}")
             g.seek(8 + n + begin)
