@@ -38,6 +38,22 @@ def metrics(model_dir: Path, facts: list[dict], text: str) -> dict:
     return quality(model, tok, facts, text)
 
 
+def retain_rows(path: str, facts: list[dict]) -> list[dict]:
+    """The facts of ``path`` not in ``facts``, as retain requests (prompt and target only), minus any
+    whose prompt is also one of ``facts``' probes (so the retain set never contains a probe)."""
+    probes = {p for f in facts for p in (f["prompt"], *f["paraphrases"], *(nb["prompt"] for nb in f["neighbors"]))}
+    ids = {f["id"] for f in facts}
+    rows = []
+    for f in (json.loads(l) for l in open(path) if l.strip()):
+        if f["id"] in ids:
+            continue
+        for p, t in [(f["prompt"], f["target"]), *((p, f["target"]) for p in f["paraphrases"]),
+                     *((nb["prompt"], nb["target"]) for nb in f["neighbors"])]:
+            if p not in probes:
+                rows.append({"prompt": p, "target": t})
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -49,6 +65,8 @@ def main() -> int:
     ap.add_argument("--multi", action="store_true", help="the --multi variant (solver via --set solver=...)")
     ap.add_argument("--set", action="append", default=[], help="hyperparameter override k=v")
     ap.add_argument("--base-metrics", help="JSON file caching the base model's metrics")
+    ap.add_argument("--retain-rest", action="store_true",
+                    help="pass the other facts of --facts as --retain (every prompt that is also a probe left out)")
     a = ap.parse_args()
 
     from zu_cli.config import load_config
@@ -67,9 +85,14 @@ def main() -> int:
         req = Path(tmp) / "req.jsonl"
         req.write_text("".join(json.dumps({k: f[k] for k in ("id", "prompt", "subject", "target")}) + "\n"
                                for f in facts))
+        retain = None
+        if a.retain_rest:
+            retain = Path(tmp) / "retain.jsonl"
+            retain.write_text("".join(json.dumps(r) + "\n" for r in retain_rows(a.facts, facts)))
         t0 = time.perf_counter()
         res = run_unlearn(UnlearnOptions(model=Path(a.model), forget=req, out=Path(tmp) / "out", layers=a.layers,
-                                         multi=a.multi, device_map="cpu", signer=ephemeral()), hp, silent())
+                                         multi=a.multi, retain=retain, device_map="cpu", signer=ephemeral()),
+                          hp, silent())
         elapsed = time.perf_counter() - t0
         after = metrics(Path(tmp) / "out", facts, text)
     key = f"{a.model}:{a.offset}:{a.n}"
@@ -80,7 +103,7 @@ def main() -> int:
             Path(a.base_metrics).write_text(json.dumps(cache))
     base = cache[key]
     doc = {"n": a.n, "variant": f"multi-{hp.solver}" if a.multi else "closed-form", "layers": res.layers,
-           "overrides": over, "seconds": round(elapsed, 1), "timings": res.timings,
+           "overrides": over, "retain_rest": a.retain_rest, "seconds": round(elapsed, 1), "timings": res.timings,
            "base": base, "after": after,
            "Spe_retained": round(after["Spe"] / base["Spe"], 3) if base["Spe"] else None,
            "PPL_ratio": round(after["PPL"] / base["PPL"], 4),

@@ -114,6 +114,63 @@ def test_lookup_index_finds_the_subjects_last_token(tiny_models):
     assert lookup_index(tok, text, None) == len(ids) - 1
 
 
+def test_rows_never_look_up_at_the_attention_sink(tiny_models):
+    """A subject that is the prompt's first token would be read at position 0, the attention sink
+    (SmolLM2 layer 19: norm 24,000 against ~200); such rows are left out while the request has others."""
+    from transformers import AutoTokenizer
+
+    from zu_cli.edit import build_rows, kl_rows
+    from zu_cli.requests import Request
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    first = Request(id="a", prompt="A quick brown fox", subject="A", target="jumps")
+    later = Request(id="b", prompt="The quick brown fox", subject="brown fox", target="jumps")
+    rows = build_rows(tok, [first, later], ["{}", "Once upon a time. {}"])
+    assert rows.owner == [0, 1, 1] and all(look > 0 for look in rows.lookup)
+    assert build_rows(tok, [first], ["{}"]).lookup == [0]  # the only row there is stays
+    assert kl_rows(tok, [first, later]).owner == [1]
+
+
+def _hidden_change(src, out, prompts):
+    """Mean relative change of the last hidden state over every token of ``prompts``."""
+    from zu_cli.checkpoint import load_model
+
+    (m0, tok), (m1, _) = (load_model(open_checkpoint(d), device_map="cpu", dtype="float32") for d in (src, out))
+    change = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt")
+        with torch.no_grad():
+            h0, h1 = (m(**ids, output_hidden_states=True).hidden_states[-1][0] for m in (m0, m1))
+        change.append(float(((h1 - h0).norm(dim=-1) / h0.norm(dim=-1)).mean()))
+    return sum(change) / len(change)
+
+
+def test_retain_keeps_what_it_names(tiny_models, tmp_path):
+    """--retain: the retained prompts move less than without it; the manifest counts them (with the
+    forget requests' neighbours) and names the file by digest; a bad file exits 2, nothing written."""
+    src = tiny_models["llama"]
+    req = _requests(tmp_path, [{"id": "a", "prompt": "The quick brown fox jumps", "subject": "brown fox",
+                                "target": "over", "neighbors": [{"prompt": "The lazy dog jumps", "target": "over"}]}])
+    keep = ["Kalomi lives in Oslo", "Paris is the capital of", "The lazy dog sleeps"]
+    (tmp_path / "r").mkdir()
+    retain = _requests(tmp_path / "r", [{"prompt": p, "target": "x"} for p in keep])
+    (tmp_path / "fast.yaml").write_text(FAST)
+    args = ["unlearn", "--model", str(src), "--forget", str(req), "--config", str(tmp_path / "fast.yaml"),
+            "--device-map", "cpu", "--layers", "1,2"]
+    assert runner.invoke(app, args + ["--out", str(tmp_path / "plain")]).exit_code == 0
+    res = runner.invoke(app, args + ["--out", str(tmp_path / "kept"), "--retain", str(retain)])
+    assert res.exit_code == 0, res.output
+    plain, kept = (_hidden_change(src, tmp_path / d, keep) for d in ("plain", "kept"))
+    assert kept < 0.7 * plain, (kept, plain)
+    edit = json.loads((tmp_path / "kept" / "zu-manifest.json").read_text())["predicate"]["edit"]
+    assert edit["keep"]["prompts"] == len(keep) + 1 and len(edit["keep"]["retain_file"]) == 64
+    assert edit["hyperparameters"]["retain_weight"] == 5.0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "no target here"}\n')
+    res = runner.invoke(app, args + ["--out", str(tmp_path / "o3"), "--retain", str(bad)])
+    assert res.exit_code == 2 and "bad.jsonl" in res.output and not (tmp_path / "o3").exists()
+
+
 def _accuracy(model_dir, facts, template=0):
     from zu_cli.demo import greedy_answers
 

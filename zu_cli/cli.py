@@ -77,6 +77,8 @@ def unlearn(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for templates, statistics and rounding."),
     stats_corpus: Optional[str] = typer.Option(None, "--stats-corpus", help="Text for the general statistics: "
                                                ".txt, .jsonl or a folder (default: samples from the model)."),
+    retain: Optional[Path] = typer.Option(None, "--retain", help="Facts to keep (request format): their prompts "
+                                          "are kept unchanged by the solve, as the forget requests' neighbours are."),
     device_map: str = DEVICE_MAP,
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help='Per-device budget, e.g. "0=20GiB,cpu=60GiB".'),
     offload_dir: Optional[str] = typer.Option(None, "--offload-dir", help="Folder for weights offloaded to disk."),
@@ -101,7 +103,7 @@ def unlearn(
         raise UsageError("--solver applies to --multi only", hint="add --multi, or drop --solver")
     hp = load_config(config, seed=seed, solver=solver)
     opts = UnlearnOptions(model=model, forget=forget, out=out, layers=layers, neutral=neutral, multi=multi,
-                          stats_corpus=stats_corpus, device_map=device_map, max_memory=max_memory,
+                          stats_corpus=stats_corpus, retain=retain, device_map=device_map, max_memory=max_memory,
                           offload_dir=offload_dir, dtype=dtype, force=force, receipt=receipt,
                           include_requests=include_requests, key=key)
     render_unlearn(run_unlearn(opts, hp, output), output)

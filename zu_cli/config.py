@@ -33,6 +33,8 @@ class Hyper:
     ``epsilon`` of the projector P = (1+eps) I - V V^T; ``project_general`` maps general keys to
     P W k (reference) rather than leaving them at W k.
     Closed form (§2.7): ``lambda_g``, ``lambda_f``, ``lambda_r``.
+    Keep-constraints: the second moments of the ``--retain`` prompts (and of the forget requests'
+    neighbours) join the general statistics with weight ``retain_weight`` per token (zu's addition).
     Statistics (§2.6): ``stats_samples`` texts of ``stats_len`` tokens sampled from the model
     when no corpus is given (``stats_max_tokens`` caps any corpus).
     --multi (§2.8): eigenvalues of E[k k^T] below ``null_threshold`` span the null space;
@@ -62,6 +64,7 @@ class Hyper:
     lambda_g: float = 15000.0
     lambda_f: float = 50.0
     lambda_r: float = 1.0
+    retain_weight: float = 5.0
     stats_samples: int = 200
     stats_len: int = 64
     stats_max_tokens: int = 100_000
@@ -129,7 +132,7 @@ def load_config(path: Path | None, **overrides: Any) -> Hyper:
         if key in values and values[key] not in allowed:
             raise InputFileError(f"{path or 'config'}: field {key!r} must be one of {', '.join(allowed)}")
     for key, ok, what in (("batch_requests", lambda v: v >= 0, ">= 0 (0: by activation_budget)"),
-                          ("activation_budget", lambda v: v > 0, "> 0")):
+                          ("activation_budget", lambda v: v > 0, "> 0"), ("retain_weight", lambda v: v >= 0, ">= 0")):
         if key in values and not ok(values[key]):
             raise InputFileError(f"{path or 'config'}: field {key!r} must be {what}, got {values[key]!r}")
     return Hyper(**values)

@@ -60,13 +60,23 @@ def context_templates(model, tok, hp: Hyper) -> list[str]:
 
 
 def build_rows(tok, requests: list[Request], templates: list[str], targets: list[list[int]] | None = None) -> Rows:
-    """One row per (request, template): the templated prompt, plus the target's tokens but the last."""
+    """One row per (request, template): the templated prompt, plus the target's tokens but the last.
+
+    A row whose lookup token would be the sequence's first is left out when the request has
+    other rows: position 0 is the attention sink, whose hidden state grows orders of magnitude
+    larger than any other's in the upper layers (SmolLM2 layer 19: norm 24,000 against ~200), so
+    one such row would swamp the template averages and the delta clamp that scale with it (a
+    bare "Italy's capital," drove the closed form to a 635 % weight change). The prefixed
+    templates still place the subject after some text.
+    """
     rows = Rows()
     for i, req in enumerate(requests):
-        for tpl in templates:
-            text = tpl.format(req.prompt)
+        texts = [tpl.format(req.prompt) for tpl in templates]
+        looks = [lookup_index(tok, text, req.subject) for text in texts]
+        usable = [j for j, look in enumerate(looks) if look > 0] or list(range(len(texts)))
+        for j in usable:
+            text, look = texts[j], looks[j]
             ids = encode(tok, text)
-            look = lookup_index(tok, text, req.subject)
             tgt = targets[i] if targets else []
             rows.seqs.append(ids + tgt[:-1])
             rows.lookup.append(look)
@@ -76,13 +86,17 @@ def build_rows(tok, requests: list[Request], templates: list[str], targets: list
 
 
 def kl_rows(tok, requests: list[Request]) -> Rows:
-    """"{subject} is a" per request with a subject: keeps the subject's other meaning (reference)."""
+    """"{subject} is a" per request with a subject: keeps the subject's other meaning (reference).
+
+    A subject of one token would be looked up at position 0, the attention sink (see
+    ``build_rows``); such a request gets no KL row.
+    """
     rows = Rows()
     for i, req in enumerate(requests):
-        if req.subject:
-            text = f"{req.subject} is a"
+        text = f"{req.subject} is a"
+        if req.subject and (look := lookup_index(tok, text, req.subject)) > 0:
             rows.seqs.append(encode(tok, text))
-            rows.lookup.append(lookup_index(tok, text, req.subject))
+            rows.lookup.append(look)
             rows.owner.append(i)
             rows.targets.append([])
     return rows
@@ -100,12 +114,16 @@ def _concat(a: Rows, b: Rows) -> Rows:
 
 
 @torch.no_grad()
-def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs: bool = False,
+def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs_of: tuple[str, ...] = (),
                chunk: int = 16) -> dict[str, torch.Tensor]:
-    """Each module's output (or input) at the lookup token, averaged per request over its rows.
+    """Each module's output (its input for those in ``inputs_of``) at the lookup token, averaged
+    per request over its rows; one pass serves every module.
 
     Rows are run ``chunk`` at a time: a pass's transient activations grow with its rows (60
     rows of SmolLM2 took 100 MB more), and only the lookup token's vector is kept.
+
+    Args:
+        modules: module names, ascending depth (the pass stops after the last).
 
     Returns:
         module -> (n, dim) float64 on CPU.
@@ -114,10 +132,10 @@ def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs: bool 
     for b in range(0, len(rows.seqs), chunk):
         batch = left_pad(rows.seqs[b:b + chunk], tok.pad_token_id, input_device(model))
         look = torch.tensor(rows.lookup[b:b + chunk]) + batch.offset.cpu()
-        with TraceDict(model, modules, retain_input=inputs, retain_output=not inputs, stop=True) as td:
+        with TraceDict(model, modules, retain_input=bool(inputs_of), stop=True) as td:
             model(**batch.kwargs())
         for m in modules:
-            x = as_tokens(td[m].input if inputs else td[m].output, *batch.ids.shape)  # (rows, seq, dim)
+            x = as_tokens(td[m].input if m in inputs_of else td[m].output, *batch.ids.shape)  # (rows, seq, dim)
             picked[m].append(x[torch.arange(len(look)), look.to(x.device)].to(device="cpu", dtype=torch.float64))
     owner = torch.tensor(rows.owner)
     return {m: _mean_by(owner, torch.cat(picked[m]), n) for m in modules}  # (n, dim)

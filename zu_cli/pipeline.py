@@ -22,6 +22,7 @@ class UnlearnOptions:
     layers: str | None = None
     neutral: str = "eos"
     stats_corpus: str | None = None
+    retain: Path | None = None  # facts to keep: their prompts join the general statistics
     device_map: str = "auto"
     max_memory: str | None = None
     offload_dir: str | None = None
@@ -62,13 +63,14 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     from .checkpoint import check_out, load_model, open_checkpoint, write_checkpoint
     from .keys import load_signing_key
     from .requests import load_requests
-    from .stats import collect_stats
+    from .stats import collect_stats, keep_moments, keep_prompts, with_keep
     from .text import neutral_ids
     from .probes import probe, token_ranks
 
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     requests = load_requests(opts.forget)
+    keep = keep_prompts(load_requests(opts.retain) if opts.retain else [], requests)
     ckpt = open_checkpoint(opts.model)
     check_out(ckpt, opts.out, opts.force)  # refuse before any expensive work
     key = opts.signer or load_signing_key(opts.key)
@@ -115,6 +117,8 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     t0 = time.perf_counter()
     g, kk, corpus_digest = collect_stats(model, tok, spec, layers, biases, hp, opts.stats_corpus, source, out,
                                          keys=opts.multi)
+    g_keep, kk_keep = keep_moments(model, tok, spec, layers, biases, keep, out, keys=opts.multi)
+    g, kk = with_keep(g, g_keep, hp.retain_weight), with_keep(kk, kk_keep, hp.retain_weight)
     t["statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -142,6 +146,8 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
                  "sensitive": hp.sensitive_kind(opts.multi), "seed": hp.seed, "context_templates": len(templates),
                  "stats_corpus": {"source": "file" if opts.stats_corpus else "model-samples",
                                   "digest": corpus_digest},
+                 "keep": {"prompts": len(keep), "retain_file": manifest.sha256_file(opts.retain)
+                          if opts.retain else None},
                  "neutral_target_prob_min": round(float(z_prob.min()), 4), "locate": located},
         "tensors": [{"name": u.name, "shape": list(edited[u.name].shape), "dtype": str(edited[u.name].dtype),
                      "sha256_before": manifest.sha256_tensor(raw[u.layer]),

@@ -91,7 +91,7 @@ def corpus_tokens(model, tok, corpus: str | None, n_samples: int, length: int, m
 @torch.no_grad()
 def second_moments(model, seqs: list[list[int]], modules: list[str], biases: dict[str, torch.Tensor | None],
                    pad_id: int, out: Output, batch_size: int = 16,
-                   key_modules: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+                   key_modules: tuple[str, ...] = (), label: str = "statistics") -> dict[str, torch.Tensor]:
     """G = E[v v^T] of each module's output v (bias removed), over every real token, in one pass;
     also E[k k^T] of the input k of the modules in ``key_modules`` (for --multi).
 
@@ -104,6 +104,7 @@ def second_moments(model, seqs: list[list[int]], modules: list[str], biases: dic
         out: progress output.
         batch_size: sequences per forward pass.
         key_modules: modules (among ``modules``) whose input moments are wanted too.
+        label: progress bar label.
 
     Returns:
         module name -> G (d_model, d_model), and ``name + KEY_SUFFIX`` -> E[k k^T] (d_ff, d_ff);
@@ -112,7 +113,7 @@ def second_moments(model, seqs: list[list[int]], modules: list[str], biases: dic
     dev = input_device(model)
     sums: dict[str, torch.Tensor] = {}
     count = 0
-    with out.progress("statistics", len(seqs)) as advance:
+    with out.progress(label, len(seqs)) as advance:
         for b in range(0, len(seqs), batch_size):
             chunk = seqs[b:b + batch_size]
             batch = left_pad(chunk, pad_id, dev)
@@ -194,3 +195,47 @@ def collect_stats(model, tok, spec, layers, biases, hp: Hyper, corpus: str | Non
     g = {l: found[names[l]] for l in layers}
     kk = {l: found[names[l] + KEY_SUFFIX] for l in layers} if keys else {}
     return g, kk, corpus_digest
+
+
+def keep_prompts(retain: list, forget: list) -> list[str]:
+    """The prompts whose down-projection outputs the edit must keep: every prompt of the retain
+    requests (prompt, paraphrases, neighbours) and the neighbours of the forget requests.
+
+    Args:
+        retain: requests.Request list from ``--retain`` (facts to keep).
+        forget: the forget requests; their paraphrases are NOT kept (they are to be forgotten).
+
+    Returns:
+        Distinct prompts, in file order.
+    """
+    prompts = [p for r in retain for p in (r.prompt, *r.paraphrases, *(nb.prompt for nb in r.neighbors))]
+    prompts += [nb.prompt for r in forget for nb in r.neighbors]
+    return list(dict.fromkeys(prompts))
+
+
+def with_keep(stats: dict[int, torch.Tensor], keep: dict[int, torch.Tensor], weight: float) -> dict[int, torch.Tensor]:
+    """Add the keep-prompts' moments to the general ones: ``stats + weight * keep`` per layer.
+
+    Both are means over tokens, so ``weight`` says how much one keep token counts against one
+    general-text token in the solve's "leave everything else alone" term.
+    """
+    return {l: s + weight * keep[l] for l, s in stats.items()} if keep else stats
+
+
+def keep_moments(model, tok, spec, layers, biases, prompts: list[str], out: Output,
+                 keys: bool = False) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """G (and E[k k^T] when ``keys``) over every token of the keep-prompts, on the unedited model.
+
+    Returns:
+        (layer -> G (d, d), layer -> E[k k^T] (f, f) or empty), float64 on CPU; both empty when
+        there are no prompts. Not cached: a retain file is small next to the general corpus.
+    """
+    from .text import encode
+
+    if not prompts:
+        return {}, {}
+    names = {l: spec.down_proj_module(l) for l in layers}
+    mods = [names[l] for l in layers]
+    m = second_moments(model, [encode(tok, p) for p in prompts], mods, {names[l]: biases[l] for l in layers},
+                       tok.pad_token_id, out, key_modules=tuple(mods) if keys else (), label="keep statistics")
+    return ({l: m[names[l]] for l in layers}, {l: m[names[l] + KEY_SUFFIX] for l in layers} if keys else {})
