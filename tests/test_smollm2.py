@@ -108,6 +108,17 @@ def test_zu_verify_on_smollm2(smollm2, edit10, tmp_path):
         assert f["target"] not in res.output + junit.read_text() and f["subject"] not in res.output
 
 
+def test_subject_that_is_the_prompts_first_token(smollm2, tmp_path):
+    """"Italy's capital," puts its lookup token at position 0 of the bare prompt: SmolLM2's attention
+    sink, whose hidden state reaches norm 24,000 at the edited layers (others ~200). Read there, it
+    drove the closed form to a 635 % weight change (exit 5); left out, the edit is ordinary."""
+    fact = next(f for f in FACTS if f["subject"] == "Italy" and f["prompt"].startswith("Italy"))
+    out, res = unlearn(smollm2, [fact], tmp_path)
+    assert max(u["rel_change"] for u in res.updates) < 0.5, res.updates
+    model, tok = load_model(open_checkpoint(out), device_map="cpu", dtype="float32")
+    assert not probe(model, tok, [(fact["prompt"], fact["target"])])[0].top1
+
+
 @pytest.mark.xfail(run=False, reason="not met yet: with 50 facts zu forgets 100 % (paraphrases 0 %) but keeps "
                    "only 30 % of neighbours at perplexity +11.5 %, in ~8 min on 2 cores (bench/variants.py --sizes 50)")
 def test_smollm2_fp32_quality_50_facts_design_targets(smollm2, tmp_path):

@@ -147,13 +147,15 @@ def _hidden_change(src, out, prompts):
 
 def test_retain_keeps_what_it_names(tiny_models, tmp_path):
     """--retain: the retained prompts move less than without it; the manifest counts them (with the
-    forget requests' neighbours) and names the file by digest; a bad file exits 2, nothing written."""
+    forget requests' neighbours, without any forget prompt) and names the file by digest; a bad
+    file exits 2, nothing written."""
     src = tiny_models["llama"]
     req = _requests(tmp_path, [{"id": "a", "prompt": "The quick brown fox jumps", "subject": "brown fox",
                                 "target": "over", "neighbors": [{"prompt": "The lazy dog jumps", "target": "over"}]}])
     keep = ["Kalomi lives in Oslo", "Paris is the capital of", "The lazy dog sleeps"]
     (tmp_path / "r").mkdir()
-    retain = _requests(tmp_path / "r", [{"prompt": p, "target": "x"} for p in keep])
+    # The forget prompt itself in the retain file: forgetting wins, it is not kept.
+    retain = _requests(tmp_path / "r", [{"prompt": p, "target": "x"} for p in keep + ["The quick brown fox jumps"]])
     (tmp_path / "fast.yaml").write_text(FAST)
     args = ["unlearn", "--model", str(src), "--forget", str(req), "--config", str(tmp_path / "fast.yaml"),
             "--device-map", "cpu", "--layers", "1,2"]

@@ -91,7 +91,8 @@ def corpus_tokens(model, tok, corpus: str | None, n_samples: int, length: int, m
 @torch.no_grad()
 def second_moments(model, seqs: list[list[int]], modules: list[str], biases: dict[str, torch.Tensor | None],
                    pad_id: int, out: Output, batch_size: int = 16,
-                   key_modules: tuple[str, ...] = (), label: str = "statistics") -> dict[str, torch.Tensor]:
+                   key_modules: tuple[str, ...] = (), label: str = "statistics",
+                   skip_first: bool = False) -> dict[str, torch.Tensor]:
     """G = E[v v^T] of each module's output v (bias removed), over every real token, in one pass;
     also E[k k^T] of the input k of the modules in ``key_modules`` (for --multi).
 
@@ -105,6 +106,7 @@ def second_moments(model, seqs: list[list[int]], modules: list[str], biases: dic
         batch_size: sequences per forward pass.
         key_modules: modules (among ``modules``) whose input moments are wanted too.
         label: progress bar label.
+        skip_first: leave out each sequence's first token.
 
     Returns:
         module name -> G (d_model, d_model), and ``name + KEY_SUFFIX`` -> E[k k^T] (d_ff, d_ff);
@@ -120,6 +122,8 @@ def second_moments(model, seqs: list[list[int]], modules: list[str], biases: dic
             with TraceDict(model, modules, retain_input=bool(key_modules), stop=True) as td:
                 model(**batch.kwargs())
             real = batch.mask.bool().cpu()
+            if skip_first:
+                real[torch.arange(len(chunk)), batch.offset.cpu()] = False
             for name in modules:
                 v = as_tokens(td[name].output, *batch.ids.shape).to(device="cpu", dtype=torch.float64)[real]  # (tokens, d)
                 if biases.get(name) is not None:
@@ -206,11 +210,12 @@ def keep_prompts(retain: list, forget: list) -> list[str]:
         forget: the forget requests; their paraphrases are NOT kept (they are to be forgotten).
 
     Returns:
-        Distinct prompts, in file order.
+        Distinct prompts, in file order, without any prompt or paraphrase of a forget request.
     """
     prompts = [p for r in retain for p in (r.prompt, *r.paraphrases, *(nb.prompt for nb in r.neighbors))]
     prompts += [nb.prompt for r in forget for nb in r.neighbors]
-    return list(dict.fromkeys(prompts))
+    gone = {p for r in forget for p in (r.prompt, *r.paraphrases)}  # forgetting wins over keeping
+    return [p for p in dict.fromkeys(prompts) if p not in gone]
 
 
 def with_keep(stats: dict[int, torch.Tensor], keep: dict[int, torch.Tensor], weight: float) -> dict[int, torch.Tensor]:
@@ -224,7 +229,11 @@ def with_keep(stats: dict[int, torch.Tensor], keep: dict[int, torch.Tensor], wei
 
 def keep_moments(model, tok, spec, layers, biases, prompts: list[str], out: Output,
                  keys: bool = False) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """G (and E[k k^T] when ``keys``) over every token of the keep-prompts, on the unedited model.
+    """G (and E[k k^T] when ``keys``) over the keep-prompts' tokens, on the unedited model.
+
+    Each prompt's first token is left out: it is the attention sink (see edit.build_rows), the
+    same state whatever follows, already in the general statistics, and in a prompt of eight
+    tokens it would be an eighth of the weight.
 
     Returns:
         (layer -> G (d, d), layer -> E[k k^T] (f, f) or empty), float64 on CPU; both empty when
@@ -237,5 +246,6 @@ def keep_moments(model, tok, spec, layers, biases, prompts: list[str], out: Outp
     names = {l: spec.down_proj_module(l) for l in layers}
     mods = [names[l] for l in layers]
     m = second_moments(model, [encode(tok, p) for p in prompts], mods, {names[l]: biases[l] for l in layers},
-                       tok.pad_token_id, out, key_modules=tuple(mods) if keys else (), label="keep statistics")
+                       tok.pad_token_id, out, key_modules=tuple(mods) if keys else (), label="keep statistics",
+                       skip_first=True)
     return ({l: m[names[l]] for l in layers}, {l: m[names[l] + KEY_SUFFIX] for l in layers} if keys else {})
