@@ -166,11 +166,21 @@ def test_retain_keeps_what_it_names(tiny_models, tmp_path):
     assert kept < 0.7 * plain, (kept, plain)
     edit = json.loads((tmp_path / "kept" / "zu-manifest.json").read_text())["predicate"]["edit"]
     assert edit["keep"]["prompts"] == len(keep) + 1 and len(edit["keep"]["retain_file"]) == 64
-    assert edit["hyperparameters"]["retain_weight"] == 5.0
+    assert edit["hyperparameters"]["retain_weight"] == 1.0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "no target here"}\n')
     res = runner.invoke(app, args + ["--out", str(tmp_path / "o3"), "--retain", str(bad)])
     assert res.exit_code == 2 and "bad.jsonl" in res.output and not (tmp_path / "o3").exists()
+
+
+def test_negative_retain_weight_is_refused(tmp_path):
+    from zu_cli.config import load_config
+    from zu_cli.errors import InputFileError
+
+    (tmp_path / "zu.yaml").write_text("retain_weight: -1\n")
+    with pytest.raises(InputFileError, match="retain_weight"):
+        load_config(tmp_path / "zu.yaml")
+    assert load_config(None, retain_weight=0).retain_weight == 0.0  # 0: the neighbours and --retain do nothing
 
 
 def _accuracy(model_dir, facts, template=0):

@@ -64,7 +64,7 @@ class Hyper:
     lambda_g: float = 15000.0
     lambda_f: float = 50.0
     lambda_r: float = 1.0
-    retain_weight: float = 5.0
+    retain_weight: float = 1.0
     stats_samples: int = 200
     stats_len: int = 64
     stats_max_tokens: int = 100_000
