@@ -109,9 +109,10 @@ def test_zu_verify_on_smollm2(smollm2, edit10, tmp_path):
 
 
 def test_subject_that_is_the_prompts_first_token(smollm2, tmp_path):
-    """"Italy's capital," puts its lookup token at position 0 of the bare prompt: SmolLM2's attention
-    sink, whose hidden state reaches norm 24,000 at the edited layers (others ~200). Read there, it
-    drove the closed form to a 635 % weight change (exit 5); left out, the edit is ordinary."""
+    """"Italy's capital," puts its subject's token at position 0 of the bare prompt: SmolLM2's
+    attention sink, whose hidden state reaches norm 24,000 at the edited layers (others ~200). Read
+    there, it drove the closed form to a 635 % weight change (exit 5), and with only that row left
+    out the fact stayed recalled; read at the prompt's last token, it is forgotten by a small edit."""
     fact = next(f for f in FACTS if f["subject"] == "Italy" and f["prompt"].startswith("Italy"))
     out, res = unlearn(smollm2, [fact], tmp_path)
     assert max(u["rel_change"] for u in res.updates) < 0.5, res.updates

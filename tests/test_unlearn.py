@@ -115,19 +115,25 @@ def test_lookup_index_finds_the_subjects_last_token(tiny_models):
 
 
 def test_rows_never_look_up_at_the_attention_sink(tiny_models):
-    """A subject that is the prompt's first token would be read at position 0, the attention sink
-    (SmolLM2 layer 19: norm 24,000 against ~200); such rows are left out while the request has others."""
+    """A subject that opens its prompt in one token would be read at position 0, the attention sink
+    (SmolLM2 layer 19: norm 24,000 against ~200): such a request is read at the prompt's last token
+    in every row instead, and gets no KL row."""
     from transformers import AutoTokenizer
 
-    from zu_cli.edit import build_rows, kl_rows
+    from zu_cli.edit import build_rows, kl_rows, lookup_index
     from zu_cli.requests import Request
 
     tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
     first = Request(id="a", prompt="A quick brown fox", subject="A", target="jumps")
-    later = Request(id="b", prompt="The quick brown fox", subject="brown fox", target="jumps")
-    rows = build_rows(tok, [first, later], ["{}", "Once upon a time. {}"])
-    assert rows.owner == [0, 1, 1] and all(look > 0 for look in rows.lookup)
-    assert build_rows(tok, [first], ["{}"]).lookup == [0]  # the only row there is stays
+    later = Request(id="b", prompt="The quick brown fox jumps", subject="brown fox", target="over")
+    assert lookup_index(tok, first.prompt, first.subject) == 0
+    tpl = ["{}", "Once upon a time. {}"]
+    rows = build_rows(tok, [first, later], tpl)
+    assert rows.owner == [0, 0, 1, 1]
+    texts = [t.format(r.prompt) for r in (first, later) for t in tpl]
+    last = [len(tok(t)["input_ids"]) - 1 for t in texts]
+    assert rows.lookup[:2] == last[:2]
+    assert rows.lookup[2:] == [lookup_index(tok, t, "brown fox") for t in texts[2:]] and rows.lookup[2] < last[2]
     assert kl_rows(tok, [first, later]).owner == [1]
 
 

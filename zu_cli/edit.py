@@ -62,21 +62,21 @@ def context_templates(model, tok, hp: Hyper) -> list[str]:
 def build_rows(tok, requests: list[Request], templates: list[str], targets: list[list[int]] | None = None) -> Rows:
     """One row per (request, template): the templated prompt, plus the target's tokens but the last.
 
-    A row whose lookup token would be the sequence's first is left out when the request has
-    other rows: position 0 is the attention sink, whose hidden state grows orders of magnitude
-    larger than any other's in the upper layers (SmolLM2 layer 19: norm 24,000 against ~200), so
-    one such row would swamp the template averages and the delta clamp that scale with it (a
-    bare "Italy's capital," drove the closed form to a 635 % weight change). The prefixed
-    templates still place the subject after some text.
+    A subject that opens its prompt in one token ("Italy's capital,") would be read at position 0
+    of the bare prompt: the attention sink, whose hidden state grows orders of magnitude larger
+    than any other's in the upper layers (SmolLM2 layer 19: norm 24,000 against ~200) and does
+    not change with the subject. Read there, one row swamped the template averages and the
+    delta clamp that scale with them (the closed form went to a 635 % weight change), and an
+    edit of that state would not reach the prompt anyway. Such a request is read at its
+    prompt's last token in every row, as a request without a subject.
     """
     rows = Rows()
     for i, req in enumerate(requests):
-        texts = [tpl.format(req.prompt) for tpl in templates]
-        looks = [lookup_index(tok, text, req.subject) for text in texts]
-        usable = [j for j, look in enumerate(looks) if look > 0] or list(range(len(texts)))
-        for j in usable:
-            text, look = texts[j], looks[j]
+        subject = req.subject if req.subject and lookup_index(tok, req.prompt, req.subject) > 0 else None
+        for tpl in templates:
+            text = tpl.format(req.prompt)
             ids = encode(tok, text)
+            look = lookup_index(tok, text, subject)
             tgt = targets[i] if targets else []
             rows.seqs.append(ids + tgt[:-1])
             rows.lookup.append(look)
@@ -88,8 +88,8 @@ def build_rows(tok, requests: list[Request], templates: list[str], targets: list
 def kl_rows(tok, requests: list[Request]) -> Rows:
     """"{subject} is a" per request with a subject: keeps the subject's other meaning (reference).
 
-    A subject of one token would be looked up at position 0, the attention sink (see
-    ``build_rows``); such a request gets no KL row.
+    A subject of one token would be read at position 0, the attention sink (see ``build_rows``):
+    such a request gets no KL row.
     """
     rows = Rows()
     for i, req in enumerate(requests):

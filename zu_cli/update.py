@@ -149,10 +149,6 @@ def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: lis
     n = len(requests)
     key_rows = build_rows(tok, requests, templates)
     bare = build_rows(tok, requests, ["{}"])
-    # The edit moves each bare prompt's state at the last edited layer to z. A prompt whose subject
-    # is its first token is looked up at the attention sink (see edit.build_rows), a state no edit
-    # should move: there the mean over the template rows, z's own base, stands in.
-    sink = torch.tensor([look == 0 for look in bare.lookup])
     last = spec.layer_module(layers[-1])
     gen = torch.Generator().manual_seed(hp.seed)
     done: dict[int, torch.Tensor] = {}
@@ -160,11 +156,8 @@ def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: lis
     for i, layer in enumerate(layers):
         mod = spec.down_proj_module(layer)
         with applied(model, spec, done, biases):
-            got = outputs_at(model, tok, key_rows, [mod, last] if sink.any() else [mod], n, inputs_of=(mod,))
+            k = outputs_at(model, tok, key_rows, [mod], n, inputs_of=(mod,))[mod]  # (n, f)
             h = outputs_at(model, tok, bare, [last], n)[last]  # (n, d)
-        k = got[mod]  # (n, f)
-        if sink.any():
-            h[sink] = got[last][sink]
         w = weights[layer].to(torch.float64)  # (d, f)
         t = w @ k.T + (z.to(torch.float64) - h).T / (len(layers) - i)  # (d, n): the residual spread over the layers left
         new, info = solver(layer, w, k, t, sensitive[layer].to(torch.float64))
