@@ -179,6 +179,24 @@ def test_retain_keeps_what_it_names(tiny_models, tmp_path):
     assert res.exit_code == 2 and "bad.jsonl" in res.output and not (tmp_path / "o3").exists()
 
 
+def test_retain_shrinks_the_multi_null_space(tiny_models, tmp_path):
+    """With --multi the keep-prompts' keys join E[k k^T]: the null space the update lives in shrinks."""
+    req = _requests(tmp_path, [{"id": "a", "prompt": "The quick brown fox jumps", "subject": "brown fox",
+                                "target": "over"}])
+    (tmp_path / "r").mkdir()
+    retain = _requests(tmp_path / "r", [{"prompt": p, "target": "x"} for p in
+                                        ["Kalomi lives in Oslo", "Paris is the capital of", "The lazy dog sleeps"]])
+    (tmp_path / "fast.yaml").write_text(FAST + "null_threshold: 1.0e-3\nmulti_steps: 5\nretain_weight: 100.0\n")
+    args = ["unlearn", "--model", str(tiny_models["llama"]), "--forget", str(req), "--config",
+            str(tmp_path / "fast.yaml"), "--device-map", "cpu", "--layers", "1", "--multi", "--json"]
+    dims = []
+    for extra in ([], ["--retain", str(retain)]):
+        res = runner.invoke(app, args + ["--out", str(tmp_path / f"o{len(dims)}")] + extra)
+        assert res.exit_code == 0, res.output
+        dims.append(json.loads(res.stdout)["updates"][0]["null_dim"])
+    assert 0 < dims[1] < dims[0], dims
+
+
 def test_negative_retain_weight_is_refused(tmp_path):
     from zu_cli.config import load_config
     from zu_cli.errors import InputFileError
