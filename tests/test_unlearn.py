@@ -197,6 +197,21 @@ def test_retain_shrinks_the_multi_null_space(tiny_models, tmp_path):
     assert 0 < dims[1] < dims[0], dims
 
 
+def test_keep_moments_skip_the_first_token(tiny_models):
+    """Keep statistics leave each prompt's first token (the attention sink) out; a prompt of one
+    token then adds nothing, and never a division by zero."""
+    from zu_cli.checkpoint import load_model
+    from zu_cli.console import silent
+    from zu_cli.stats import keep_moments
+
+    ckpt = open_checkpoint(tiny_models["llama"])
+    model, tok = load_model(ckpt, device_map="cpu", dtype="float32")
+    g, kk = keep_moments(model, tok, ckpt.spec, [1], {1: None}, ["A"], silent(), keys=True)
+    assert torch.equal(g[1], torch.zeros_like(g[1])) and torch.equal(kk[1], torch.zeros_like(kk[1]))
+    g2, _ = keep_moments(model, tok, ckpt.spec, [1], {1: None}, ["A quick brown fox"], silent())
+    assert torch.isfinite(g2[1]).all() and g2[1].trace() > 0
+
+
 def test_negative_retain_weight_is_refused(tmp_path):
     from zu_cli.config import load_config
     from zu_cli.errors import InputFileError

@@ -93,8 +93,11 @@ def kl_rows(tok, requests: list[Request]) -> Rows:
     """
     rows = Rows()
     for i, req in enumerate(requests):
+        if not req.subject:
+            continue
         text = f"{req.subject} is a"
-        if req.subject and (look := lookup_index(tok, text, req.subject)) > 0:
+        look = lookup_index(tok, text, req.subject)
+        if look > 0:
             rows.seqs.append(encode(tok, text))
             rows.lookup.append(look)
             rows.owner.append(i)
@@ -114,16 +117,12 @@ def _concat(a: Rows, b: Rows) -> Rows:
 
 
 @torch.no_grad()
-def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs_of: tuple[str, ...] = (),
+def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs: bool = False,
                chunk: int = 16) -> dict[str, torch.Tensor]:
-    """Each module's output (its input for those in ``inputs_of``) at the lookup token, averaged
-    per request over its rows; one pass serves every module.
+    """Each module's output (or input) at the lookup token, averaged per request over its rows.
 
     Rows are run ``chunk`` at a time: a pass's transient activations grow with its rows (60
     rows of SmolLM2 took 100 MB more), and only the lookup token's vector is kept.
-
-    Args:
-        modules: module names, ascending depth (the pass stops after the last).
 
     Returns:
         module -> (n, dim) float64 on CPU.
@@ -132,10 +131,10 @@ def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs_of: tu
     for b in range(0, len(rows.seqs), chunk):
         batch = left_pad(rows.seqs[b:b + chunk], tok.pad_token_id, input_device(model))
         look = torch.tensor(rows.lookup[b:b + chunk]) + batch.offset.cpu()
-        with TraceDict(model, modules, retain_input=bool(inputs_of), stop=True) as td:
+        with TraceDict(model, modules, retain_input=inputs, retain_output=not inputs, stop=True) as td:
             model(**batch.kwargs())
         for m in modules:
-            x = as_tokens(td[m].input if m in inputs_of else td[m].output, *batch.ids.shape)  # (rows, seq, dim)
+            x = as_tokens(td[m].input if inputs else td[m].output, *batch.ids.shape)  # (rows, seq, dim)
             picked[m].append(x[torch.arange(len(look)), look.to(x.device)].to(device="cpu", dtype=torch.float64))
     owner = torch.tensor(rows.owner)
     return {m: _mean_by(owner, torch.cat(picked[m]), n) for m in modules}  # (n, dim)

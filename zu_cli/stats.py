@@ -134,7 +134,7 @@ def second_moments(model, seqs: list[list[int]], modules: list[str], biases: dic
                     sums[name + KEY_SUFFIX] = sums.get(name + KEY_SUFFIX, 0) + k.T @ k
             count += int(real.sum())
             advance(len(chunk))
-    return {k: s / count for k, s in sums.items()}
+    return {k: s / max(count, 1) for k, s in sums.items()}  # no token left (one-token prompts): zeros
 
 
 def stats_key(source_digest: str, module: str, corpus_digest: str) -> str:

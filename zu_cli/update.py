@@ -156,7 +156,7 @@ def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: lis
     for i, layer in enumerate(layers):
         mod = spec.down_proj_module(layer)
         with applied(model, spec, done, biases):
-            k = outputs_at(model, tok, key_rows, [mod], n, inputs_of=(mod,))[mod]  # (n, f)
+            k = outputs_at(model, tok, key_rows, [mod], n, inputs=True)[mod]  # (n, f)
             h = outputs_at(model, tok, bare, [last], n)[last]  # (n, d)
         w = weights[layer].to(torch.float64)  # (d, f)
         t = w @ k.T + (z.to(torch.float64) - h).T / (len(layers) - i)  # (d, n): the residual spread over the layers left
