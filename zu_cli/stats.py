@@ -14,7 +14,7 @@ from .config import Hyper
 from .console import Output
 from .errors import InputFileError
 from .hooks import TraceDict
-from .text import as_tokens, input_device, left_pad, sample
+from .text import as_tokens, encode, input_device, left_pad, sample
 
 KEY_SUFFIX = ":kkT"  # names E[k k^T] next to a module's G in the cache and in second_moments' result
 SEED_WORDS = ["The", "In", "A", "It", "He", "She", "They", "This", "We", "When", "After", "Many"]
@@ -239,8 +239,6 @@ def keep_moments(model, tok, spec, layers, biases, prompts: list[str], out: Outp
         (layer -> G (d, d), layer -> E[k k^T] (f, f) or empty), float64 on CPU; both empty when
         there are no prompts. Not cached: a retain file is small next to the general corpus.
     """
-    from .text import encode
-
     if not prompts:
         return {}, {}
     names = {l: spec.down_proj_module(l) for l in layers}
