@@ -1,6 +1,6 @@
 """Stage times and peak memory of `zu unlearn` on SmolLM2-135M for 1, 10 and 50 requests.
 
-    python bench/unlearn.py [--sizes 1,10,50] [--model DIR] [--cold]
+    python bench/unlearn.py [--sizes 1,10,50] [--model DIR] [--cold] [--layers 8,9,10] [--set k=v ...]
 
 Each size runs in its own process (peak RSS is per process). Statistics are warmed by a first
 run unless --cold. Prints one JSON document.
@@ -22,19 +22,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def one(model: str, n: int, tmp: Path) -> dict:
-    """Run one size in a fresh process so its peak RSS is its own."""
-    proc = subprocess.run([sys.executable, __file__, "--one", str(n), "--model", model, "--tmp", str(tmp)],
+def one(model: str, n: int, tmp: Path, extra: list[str]) -> dict:
+    """Run one size in a fresh process so its peak RSS is its own (``extra``: --layers/--set passed on)."""
+    proc = subprocess.run([sys.executable, __file__, "--one", str(n), "--model", model, "--tmp", str(tmp), *extra],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"n={n} failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout)
 
 
-def inner(model: str, n: int, tmp: Path) -> dict:
+def inner(model: str, n: int, tmp: Path, layers: str | None, sets: list[str]) -> dict:
     """One `zu unlearn` in this process: stage times, result counts, peak RSS."""
     sys.path.insert(0, str(ROOT))
-    from zu_cli.config import Hyper
+    from zu_cli.config import load_config
     from zu_cli.console import silent
     from zu_cli.keys import ephemeral
     from zu_cli.pipeline import UnlearnOptions, run_unlearn
@@ -52,8 +52,9 @@ def inner(model: str, n: int, tmp: Path) -> dict:
     AutoConfig.from_pretrained(model)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
+    hp = load_config(None, **{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in sets)})
     res = run_unlearn(UnlearnOptions(model=Path(model), forget=req, out=tmp / f"out{n}", device_map="cpu",
-                                     force=True, signer=ephemeral()), Hyper(), silent())
+                                     layers=layers, force=True, signer=ephemeral()), hp, silent())
     return {"requests": n, "wall_s": round(time.perf_counter() - t0, 1), "stages_s": res.timings,
             "forgotten": sum(not r["recalled_after"] for r in res.requests),
             "neutral_top1": sum(r["neutral_rank_after"] == 0 for r in res.requests),
@@ -66,28 +67,31 @@ def main() -> int:
     ap.add_argument("--sizes", default="1,10,50")
     ap.add_argument("--model")
     ap.add_argument("--cold", action="store_true", help="do not warm the statistics first")
+    ap.add_argument("--layers", help="edited layers (default: the architecture's window)")
+    ap.add_argument("--set", action="append", default=[], help="hyperparameter override k=v (v as JSON)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(inner(a.model, a.one, Path(a.tmp))))
+        print(json.dumps(inner(a.model, a.one, Path(a.tmp), a.layers, a.set)))
         return 0
     if a.model is None:
         from smollm2 import smollm2_fp32
 
         a.model = str(smollm2_fp32())
     ckpt_mib = sum(p.stat().st_size for p in Path(a.model).glob("*.safetensors")) / 2**20
+    extra = ([f"--layers={a.layers}"] if a.layers else []) + [f"--set={kv}" for kv in a.set]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         if not a.cold:
-            one(a.model, 1, Path(tmp))  # warms the statistics cache
+            one(a.model, 1, Path(tmp), extra)  # warms the statistics cache
         for n in [int(x) for x in a.sizes.split(",")]:
-            run = one(a.model, n, Path(tmp))
+            run = one(a.model, n, Path(tmp), extra)
             # Design §7's bound is 2x the checkpoint; both readings, with and without the libraries.
             run["peak_over_checkpoint"] = round(run["peak_rss_mib"] / ckpt_mib, 2)
             run["zu_peak_over_checkpoint"] = round((run["peak_rss_mib"] - run["baseline_rss_mib"]) / ckpt_mib, 2)
             runs.append(run)
-    print(json.dumps({"model": a.model, "checkpoint_mib": round(ckpt_mib), "device": "cpu",
+    print(json.dumps({"model": a.model, "layers": a.layers, "overrides": a.set, "checkpoint_mib": round(ckpt_mib), "device": "cpu",
                       "threads": os.cpu_count(), "runs": runs}, indent=1))
     return 0
 

@@ -33,7 +33,7 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
     import dataclasses
 
     from zu_cli import edit, update
-    from zu_cli.arch import num_layers, resolve_layers
+    from zu_cli.arch import hidden_size, num_layers, resolve_layers
     from zu_cli.checkpoint import load_model, open_checkpoint
     from zu_cli.console import silent
     from zu_cli.errors import NumericalError
@@ -46,7 +46,9 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model_dir)
     spec = ckpt.spec
-    layers, _ = resolve_layers(None, spec, ckpt.config, num_layers(spec, ckpt.config))
+    n_layers = num_layers(spec, ckpt.config)
+    layers, _ = resolve_layers(None, spec, ckpt.config, n_layers)
+    pinned = spec.pinned_sensitive(n_layers, hidden_size(ckpt.config), layers)
     model, tok = load_model(ckpt, device_map="cpu", dtype="float32")
     with tempfile.TemporaryDirectory() as tmp:
         req = Path(tmp) / "req.jsonl"
@@ -60,8 +62,8 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
     shared = {"load_and_base_probes": time.perf_counter() - t0}
     t0 = time.perf_counter()
     templates = edit.context_templates(model, tok, hp)
-    # The closed form's default sensitive vectors need the push; --multi's ("output") come free.
-    kinds = {v: hp.sensitive_kind(v != "closed-form") for v in variants}
+    # The closed form's default sensitive vectors may need the push; --multi's ("output") come free.
+    kinds = {v: hp.sensitive_kind(v != "closed-form", pinned) for v in variants}
     cached = None
     if cache is not None:  # the targets do not depend on the solver: reuse them across runs
         import hashlib

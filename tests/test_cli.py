@@ -77,6 +77,22 @@ def test_sensitive_auto_resolves_per_variant():
 
     assert Hyper().sensitive_kind(multi=False) == "pushed" and Hyper().sensitive_kind(multi=True) == "output"
     assert Hyper(sensitive="delta").sensitive_kind(multi=True) == "delta"
+    # A known model's pinned kind wins over the variant's default, never over an explicit setting.
+    assert Hyper().sensitive_kind(multi=False, pinned="output") == "output"
+    assert Hyper(sensitive="pushed").sensitive_kind(multi=False, pinned="output") == "pushed"
+
+
+def test_known_smollm2_pins_its_measured_window_and_sensitive_kind():
+    """SmolLM2-135M (30 layers x 576) edits 8-10 with output sensitive vectors (docs/method.md,
+    "Which layers"); the kind is pinned for that window only (at 17-19 ``output`` lost neighbours)."""
+    from zu_cli.arch import _load_all
+
+    llama = next(s for s in _load_all() if s.name == "llama")
+    assert llama.default_layers(30, 576) == [8, 9, 10]
+    assert llama.pinned_sensitive(30, 576, [8, 9, 10]) == "output"
+    assert llama.pinned_sensitive(30, 576, [17, 18, 19]) is None
+    assert llama.default_layers(28, 3072) == [16, 17, 18] and llama.pinned_sensitive(28, 3072, [16, 17, 18]) is None
+    assert llama.default_layers(30, 960) == [17, 18, 19]  # another width: the relative window
 
 
 def test_debug_shows_traceback(tmp_path, monkeypatch):

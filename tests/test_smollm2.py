@@ -44,10 +44,9 @@ def unlearn(model_dir, facts, tmp_path, multi=False):
 def check_quality(base, after, n):
     """Design targets (§7): >= 90 % forgotten, paraphrases <= 40 %, neighbours >= 75 % of base, PPL <= +3 %.
 
-    Measured on this release (10 facts, fp32 and bf16): 100 % forgotten, 0 % of paraphrases,
-    69 % of neighbours, PPL +4.5 % (+4.2 % before the targets stage ran under bf16 autocast). The neighbour and perplexity targets are NOT met yet; the
-    bounds below hold today's level (the authors' code: 50 % of neighbours, +3 %) so that a
-    regression fails, and are to be raised to the targets when the method reaches them.
+    Measured on this release with the SmolLM2 default (layers 8-10, output sensitive vectors),
+    10 facts: 90 % forgotten (at the bound), 11 % of paraphrases, 85 % / 92 % of neighbours, PPL
+    +1.8 % / +2.0 % (fp32 / bf16); the authors' code: 80 %, 50 %, 50 %, +3 %.
     """
     rate = lambda xs: sum(xs) / len(xs)
     report = {"recalled": rate(after["eff"]), "para": rate(after["gen"]),
@@ -55,8 +54,8 @@ def check_quality(base, after, n):
     assert rate(base["eff"]) == 1.0  # the base model knows every one of these facts
     assert 1 - report["recalled"] >= 0.90, report
     assert report["para"] <= 0.40, report
-    assert report["nbr_kept"] >= 0.60, report
-    assert report["ppl_ratio"] <= 1.06, report
+    assert report["nbr_kept"] >= 0.75, report
+    assert report["ppl_ratio"] <= 1.03, report
     return report
 
 
@@ -121,7 +120,7 @@ def test_subject_that_is_the_prompts_first_token(smollm2, tmp_path):
 
 
 @pytest.mark.xfail(run=False, reason="not met yet: with 50 facts zu forgets 100 % (paraphrases 0 %) but keeps "
-                   "only 30 % of neighbours at perplexity +11.5 %, in ~8 min on 2 cores (bench/variants.py --sizes 50)")
+                   "only 45 % of neighbours at perplexity +9.3 %, in ~7 min on 2 cores (bench/quality.py --n 50)")
 def test_smollm2_fp32_quality_50_facts_design_targets(smollm2, tmp_path):
     facts = FACTS[:50]
     out, _ = unlearn(smollm2, facts, tmp_path)
@@ -139,9 +138,9 @@ def test_smollm2_bf16_sharded_quality(smollm2_bf16, tmp_path):
     check_quality(scores(smollm2_bf16, facts), scores(out, facts), 10)
 
 
-@pytest.mark.xfail(run=False, reason="not met yet (bench/variants.py --sizes 159): --multi gradient forgets 95.6 % "
-                   "(paraphrases 2.1 % recalled) but keeps 15 % of neighbours at perplexity x2.29 (||dW||/||W|| "
-                   "~1.4 per layer); --solver exact and the closed form exceed the change bound (exit 5). ~17 min here")
+@pytest.mark.xfail(run=False, reason="not met yet (docs/method.md, 'Which layers'): at SmolLM2's default "
+                   "layers 8-10 --multi gradient forgets 100 % (paraphrases 2.6 % recalled) but keeps 22 % of "
+                   "neighbours at perplexity +25 % (at 17-19: 95.6 %, 15 %, x2.29). ~25 min here")
 def test_smollm2_multi_all_dev_facts(smollm2, tmp_path):
     """--multi (default solver: gradient) with all 159 dev facts at once, measured on the written
     checkpoint; issue targets: >= 90 % forgotten, paraphrases <= 40 %, neighbours >= 70 % of base,

@@ -29,6 +29,8 @@ class ArchSpec:
         default_window: relative (start, end) depth of the default edit window, inclusive,
             as fractions of the layer count; known models may pin layers in ``known``.
         known: mapping of a model signature ("layers x hidden") to a pinned layer list.
+        known_sensitive: for some of those signatures, the sensitive-vector kind measured best
+            with the pinned window (``Hyper.sensitive``); used only when that window is edited.
     """
 
     name: str
@@ -44,6 +46,7 @@ class ArchSpec:
     embed: str
     default_window: tuple[float, float]
     known: dict[str, tuple[int, ...]]
+    known_sensitive: dict[str, str]
 
     def down_proj_module(self, layer: int) -> str:
         """Module name of layer ``layer``'s down-projection, e.g. ``model.layers.17.mlp.down_proj``."""
@@ -56,6 +59,20 @@ class ArchSpec:
     def layer_module(self, layer: int) -> str:
         """Module name of decoder layer ``layer``."""
         return f"{self.layers}.{layer}"
+
+    def pinned_sensitive(self, num_layers: int, hidden: int, layers: list[int]) -> str | None:
+        """The sensitive-vector kind a known model's entry pins for its window, or None.
+
+        Args:
+            num_layers, hidden: the model's signature.
+            layers: the layers being edited; another window than the pinned one gets None, as
+                the kind was measured for that window only.
+
+        Returns:
+            ``pushed``, ``delta``, ``output`` or None.
+        """
+        sig = f"{num_layers}x{hidden}"
+        return self.known_sensitive.get(sig) if list(self.known.get(sig, ())) == list(layers) else None
 
     def default_layers(self, num_layers: int, hidden: int, width: int = 3) -> list[int]:
         """The default edit window for a model of this family.
@@ -86,12 +103,14 @@ def _load_all() -> list[ArchSpec]:
         if not entry.name.endswith(".yaml"):
             continue
         raw: dict[str, Any] = yaml.safe_load(entry.read_text())
+        known = raw.get("known") or {}  # signature -> layer list, or {layers: [...], sensitive: kind}
         specs.append(ArchSpec(
             name=entry.name[:-5], model_types=tuple(raw["model_types"]), architectures=tuple(raw["architectures"]),
             layers=raw["layers"], down_proj=raw["down_proj"], transposed=bool(raw.get("transposed", False)),
             bias=bool(raw.get("bias", False)), num_layers_key=raw["num_layers_key"], final_norm=raw["final_norm"],
             lm_head=raw["lm_head"], embed=raw["embed"], default_window=tuple(raw["default_window"]),
-            known={k: tuple(v) for k, v in (raw.get("known") or {}).items()}))
+            known={k: tuple(v["layers"] if isinstance(v, dict) else v) for k, v in known.items()},
+            known_sensitive={k: v["sensitive"] for k, v in known.items() if isinstance(v, dict) and "sensitive" in v}))
     return specs
 
 
@@ -132,6 +151,11 @@ def num_layers(spec: ArchSpec, config: Any) -> int:
     return int(getattr(cfg, spec.num_layers_key))
 
 
+def hidden_size(config: Any) -> int:
+    """Model width from the config (0 when it has none): the second half of a known-model signature."""
+    return int(getattr(config, "hidden_size", 0) or 0)
+
+
 def resolve_layers(text: str | None, spec, config, n_layers: int) -> tuple[list[int], str]:
     """``--layers 17,18,19`` or the architecture's default window.
 
@@ -139,7 +163,7 @@ def resolve_layers(text: str | None, spec, config, n_layers: int) -> tuple[list[
         UsageError: malformed list or a layer outside the model (exit 2).
     """
     if not text:
-        return spec.default_layers(n_layers, int(getattr(config, "hidden_size", 0) or 0)), "architecture default"
+        return spec.default_layers(n_layers, hidden_size(config)), "architecture default"
     try:
         layers = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError as exc:

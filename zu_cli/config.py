@@ -81,11 +81,20 @@ class Hyper:
     rounding: str = "stochastic"
     seed: int = 0
 
-    def sensitive_kind(self, multi: bool) -> str:
-        """``sensitive`` with ``auto`` resolved for the variant (``multi``: the --multi one)."""
+    def sensitive_kind(self, multi: bool, pinned: str | None = None) -> str:
+        """``sensitive`` with ``auto`` resolved.
+
+        Args:
+            multi: the --multi variant (``output``) rather than the closed form (``pushed``).
+            pinned: the kind a known model's architecture entry pins for the edited window
+                (``ArchSpec.pinned_sensitive``); it wins over the variant's default.
+
+        Returns:
+            ``pushed``, ``delta`` or ``output``.
+        """
         if self.sensitive != "auto":
             return self.sensitive
-        return "output" if multi else "pushed"
+        return pinned or ("output" if multi else "pushed")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved values, for the manifest."""

@@ -59,7 +59,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     import torch
 
     from . import edit, manifest, update
-    from .arch import num_layers, resolve_layers
+    from .arch import hidden_size, num_layers, resolve_layers
     from .checkpoint import check_out, load_model, open_checkpoint, write_checkpoint
     from .keys import load_signing_key
     from .requests import load_requests
@@ -94,6 +94,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
         layers, how = scores.window, "auto (causal tracing)"
         located = {"effect": [round(e, 5) for e in scores.effect], "window": scores.window,
                    "settings": asdict(st), "requests_traced": len(scores.requests)}
+    sens_kind = hp.sensitive_kind(opts.multi, spec.pinned_sensitive(n_layers, hidden_size(ckpt.config), layers))
     raw, weights, biases = {}, {}, {}
     for l in layers:
         raw[l] = ckpt.read_tensor(spec.down_proj_weight(l))  # as stored: hashed for the manifest
@@ -111,7 +112,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     queries = [(r.prompt, r.target) for r in requests]
     before = probe(model, tok, queries)
     z, z_prob, sensitive = edit.edit_targets(model, tok, spec, requests, layers, templates, targets_neutral, hp,
-                                             hp.sensitive_kind(opts.multi), out)
+                                             sens_kind, out)
     t["targets"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -143,7 +144,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
         "source": {"path_name": ckpt.path.name, "files": source_digests},
         "edit": {"variant": f"multi-{hp.solver}" if opts.multi else "closed-form", "layers": layers,
                  "layers_chosen_by": how, "neutral": opts.neutral, "hyperparameters": hp.to_dict(),
-                 "sensitive": hp.sensitive_kind(opts.multi), "seed": hp.seed, "context_templates": len(templates),
+                 "sensitive": sens_kind, "seed": hp.seed, "context_templates": len(templates),
                  "stats_corpus": {"source": "file" if opts.stats_corpus else "model-samples",
                                   "digest": corpus_digest},
                  "keep": {"prompts": len(keep), "retain_file": manifest.sha256_file(opts.retain)
