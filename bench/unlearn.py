@@ -91,8 +91,8 @@ def main() -> int:
             run["peak_over_checkpoint"] = round(run["peak_rss_mib"] / ckpt_mib, 2)
             run["zu_peak_over_checkpoint"] = round((run["peak_rss_mib"] - run["baseline_rss_mib"]) / ckpt_mib, 2)
             runs.append(run)
-    print(json.dumps({"model": a.model, "layers": a.layers, "overrides": a.set, "checkpoint_mib": round(ckpt_mib), "device": "cpu",
-                      "threads": os.cpu_count(), "runs": runs}, indent=1))
+    print(json.dumps({"model": a.model, "layers": a.layers, "overrides": a.set, "checkpoint_mib": round(ckpt_mib),
+                      "device": "cpu", "threads": os.cpu_count(), "runs": runs}, indent=1))
     return 0
 
 
