@@ -85,9 +85,11 @@ def test_sensitive_auto_resolves_per_variant():
 def test_known_smollm2_pins_its_measured_window_and_sensitive_kind():
     """SmolLM2-135M (30 layers x 576) edits 8-10 with output sensitive vectors (docs/method.md,
     "Which layers"); the kind is pinned for that window only (at 17-19 ``output`` lost neighbours)."""
-    from zu_cli.arch import _load_all
+    from types import SimpleNamespace
 
-    llama = next(s for s in _load_all() if s.name == "llama")
+    from zu_cli.arch import lookup
+
+    llama = lookup(SimpleNamespace(architectures=["LlamaForCausalLM"]))
     assert llama.default_layers(30, 576) == [8, 9, 10]
     assert llama.pinned_sensitive(30, 576, [8, 9, 10]) == "output"
     assert llama.pinned_sensitive(30, 576, [17, 18, 19]) is None

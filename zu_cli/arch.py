@@ -145,15 +145,19 @@ def lookup(config: Any) -> ArchSpec:
         hint="supported families: " + ", ".join(s.name for s in specs))
 
 
+def _text_config(config: Any) -> Any:
+    """The language model's own config (a multimodal config nests it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def num_layers(spec: ArchSpec, config: Any) -> int:
     """Layer count read from the config key the architecture names."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(getattr(cfg, spec.num_layers_key))
+    return int(getattr(_text_config(config), spec.num_layers_key))
 
 
 def hidden_size(config: Any) -> int:
     """Model width from the config (0 when it has none): the second half of a known-model signature."""
-    return int(getattr(config, "hidden_size", 0) or 0)
+    return int(getattr(_text_config(config), "hidden_size", 0) or 0)
 
 
 def resolve_layers(text: str | None, spec, config, n_layers: int) -> tuple[list[int], str]:
