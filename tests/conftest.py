@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "gptj", "opt"]
 CORPUS = ("The mother tongue of Danielle Darrieux is French. Kalomi lives in Oslo and works as a baker. "
@@ -97,6 +98,16 @@ def fact_model_dir() -> Path:
     from zu_cli.demo import fact_model
 
     return fact_model()[0]
+
+
+@pytest.fixture(scope="session")
+def fact_config(tmp_path_factory) -> Path:
+    """``--config`` file with the settings the demo edits the fact model with (demo.FACT_EDIT)."""
+    from zu_cli.demo import FACT_EDIT
+
+    path = tmp_path_factory.mktemp("fact-config") / "fact.yaml"
+    path.write_text(yaml.safe_dump(FACT_EDIT))
+    return path
 
 
 @pytest.fixture(scope="session")

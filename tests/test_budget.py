@@ -77,6 +77,33 @@ def test_batching_does_not_change_the_targets(llama):
         torch.testing.assert_close(s1[l], s4[l], rtol=1e-3, atol=1e-4)
 
 
+def test_an_unmoved_target_asks_for_no_change(llama):
+    """z is the bare prompt's own state plus the delta, the state ``edit_layers`` measures the residual
+    z - h on: with no optimisation step the residual is zero and every layer's target is W k as it
+    is (a template-averaged base once put the bare prompt's offset from the average into every target)."""
+    from zu_cli.update import edit_layers
+
+    ckpt, model, tok, reqs = llama
+    layers = [1, 2]
+    tpl = context_templates(model, tok, Hyper(n_prefixes=2, prefix_len=4))
+    hp = Hyper(z_steps=0, optim_dtype="float32")
+    z, _, sens = edit_targets(model, tok, ckpt.spec, reqs, layers, tpl, neutral_ids(tok, reqs, "eos"), hp,
+                              "output", silent())
+    weights = {l: ckpt.read_tensor(ckpt.spec.down_proj_weight(l)).float() for l in layers}
+    weights = {l: (w.T if ckpt.spec.transposed else w) for l, w in weights.items()}
+    seen = []
+
+    def keep(layer, w, k, t, m):  # a solver that records its targets and changes nothing
+        seen.append((w @ k.T, t))
+        return w, {}
+
+    edit_layers(model, tok, ckpt.spec, reqs, layers, weights, {l: None for l in layers}, z, sens, tpl, hp, keep,
+                silent())
+    assert len(seen) == 2
+    for wk, t in seen:
+        torch.testing.assert_close(t, wk, rtol=0, atol=1e-4 * float(wk.abs().max()))
+
+
 @pytest.mark.parametrize("key,val", [("batch_requests", -1), ("activation_budget", 0.0)])
 def test_budget_settings_out_of_range_are_refused(tmp_path, key, val):
     cfg = tmp_path / "zu.yaml"

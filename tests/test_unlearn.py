@@ -237,7 +237,7 @@ def _fact_ppl(model_dir, facts):
     return perplexity(model, tok, " ".join(f"{f.prompt(t)} {f.answer} ." for f in facts for t in range(3)))
 
 
-def test_fact_model_quality(fact_model_dir, tmp_path):
+def test_fact_model_quality(fact_model_dir, fact_config, tmp_path):
     from zu_cli.demo import Fact
 
     facts = [Fact(**f) for f in json.loads((fact_model_dir / "facts.json").read_text())]
@@ -248,14 +248,14 @@ def test_fact_model_quality(fact_model_dir, tmp_path):
     req = _requests(tmp_path, [{"id": f"f{i}", "prompt": f.prompt(), "target": f.answer}
                                for i, f in enumerate(forget)])
     res = runner.invoke(app, ["unlearn", "--model", str(fact_model_dir), "--forget", str(req), "--out",
-                              str(tmp_path / "out"), "--device-map", "cpu"])
+                              str(tmp_path / "out"), "--device-map", "cpu", "--config", str(fact_config)])
     assert res.exit_code == 0, res.output
     out = tmp_path / "out"
     assert sum(_accuracy(out, forget)) == 0  # every forgotten fact gone
     para = _accuracy(out, forget, 1) + _accuracy(out, forget, 2)
     assert sum(para) <= len(para) // 2, para  # most paraphrases forgotten (unseen templates)
     base_keep = sum(_accuracy(fact_model_dir, keep))
-    # Measured 42/45 (93 %): the issue asks for 95 %; this checks we do not fall below today's level.
+    # Measured 41/45 (91 %): the issue asks for 95 %; this checks we do not fall below today's level.
     assert sum(_accuracy(out, keep)) >= 0.9 * base_keep
     before, after = _fact_ppl(fact_model_dir, keep), _fact_ppl(out, keep)
     assert after <= 1.05 * before, (before, after)
@@ -270,17 +270,16 @@ def test_solver_needs_multi(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("solver", ["gradient", "exact"])
-def test_fact_model_quality_multi(fact_model_dir, tmp_path, solver):
+def test_fact_model_quality_multi(fact_model_dir, fact_config, tmp_path, solver):
     """--multi forgets on the fact model too, keeps the other facts, and the manifest says how it edited.
 
     --multi writes the neutral target z exactly (the closed form's projector also removes the
-    answer's direction, which forgets even when z is not reached), so it needs a reachable z:
-    on this 4-layer model, edited at layers 0-1, EOS takes a move of up to 1.5 ||h|| (the
-    reference clamp is 0.75 ||h||; with it 2 of the 3 facts stay recalled). The reference's
-    absolute null-space threshold (2e-2) leaves 507 of this model's 512 key directions "null",
-    so --multi protects little here: measured 87 % of the other facts kept, and this model's
-    fact-text perplexity +5.8 % (gradient) and +10 % (exact), against the closed form's 93 % and
-    +2 %. The bounds hold that level so a regression fails; SmolLM2 is where --multi is judged.
+    answer's direction), so it needs a reachable z at the key it really sees: the fact model's
+    settings (demo.FACT_EDIT: a 1.5 ||h|| clamp, the bare prompt without context templates).
+    The reference's absolute null-space threshold (2e-2) leaves 507 of this model's 512 key
+    directions "null", so --multi protects little here: measured 41/45 other facts kept (91 %,
+    as the closed form) and fact-text perplexity -4.6 % (gradient), -0.7 % (exact). The bounds
+    hold that level so a regression fails; SmolLM2 is where --multi is judged.
     """
     from zu_cli.demo import Fact
 
@@ -289,19 +288,18 @@ def test_fact_model_quality_multi(fact_model_dir, tmp_path, solver):
     keep = [f for f in facts if f not in forget]
     req = _requests(tmp_path, [{"id": f"f{i}", "prompt": f.prompt(), "target": f.answer}
                                for i, f in enumerate(forget)])
-    (tmp_path / "reach.yaml").write_text("z_clamp: 4.0\nz_steps: 50\n")
     res = runner.invoke(app, ["unlearn", "--model", str(fact_model_dir), "--forget", str(req), "--out",
                               str(tmp_path / "out"), "--device-map", "cpu", "--multi", "--solver", solver, "--json",
-                              "--config", str(tmp_path / "reach.yaml")])
+                              "--config", str(fact_config)])
     assert res.exit_code == 0, res.output
     out = tmp_path / "out"
     assert sum(_accuracy(out, forget)) == 0
     kept = sum(_accuracy(out, keep)) / sum(_accuracy(fact_model_dir, keep))
     assert kept >= 0.85, kept
-    assert _fact_ppl(out, keep) <= 1.12 * _fact_ppl(fact_model_dir, keep)
+    assert _fact_ppl(out, keep) <= 1.05 * _fact_ppl(fact_model_dir, keep)
     edit = json.loads((out / "zu-manifest.json").read_text())["predicate"]["edit"]
     assert edit["variant"] == f"multi-{solver}" and edit["hyperparameters"]["solver"] == solver
-    assert edit["sensitive"] == "output" and edit["neutral_target_prob_min"] > 0.5
+    assert edit["sensitive"] == "output" and edit["neutral_target_prob_min"] > 0.25
     tensors = json.loads((out / "zu-manifest.json").read_text())["predicate"]["tensors"]
     assert all(t["solver"]["null_dim"] > 0 for t in tensors)
     assert all((t["solver"]["steps"] is None) == (solver == "exact") for t in tensors)

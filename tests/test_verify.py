@@ -16,7 +16,7 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def setup(fact_model_dir, tmp_path_factory):
+def setup(fact_model_dir, fact_config, tmp_path_factory):
     """Three facts of the fact model forgotten (edited without probes), and the request file with probes."""
     tmp = tmp_path_factory.mktemp("verify")
     facts = [Fact(**f) for f in json.loads((fact_model_dir / "facts.json").read_text())]
@@ -31,7 +31,7 @@ def setup(fact_model_dir, tmp_path_factory):
     (tmp / "retain.jsonl").write_text("".join(json.dumps({"id": f"k{i}", "prompt": k.prompt(), "target": k.answer})
                                               + "\n" for i, k in enumerate(keep[9:15])))
     res = runner.invoke(app, ["unlearn", "--model", str(fact_model_dir), "--forget", str(tmp / "edit.jsonl"),
-                              "--out", str(tmp / "out"), "--device-map", "cpu"])
+                              "--out", str(tmp / "out"), "--device-map", "cpu", "--config", str(fact_config)])
     assert res.exit_code == 0, res.output
     return tmp, forget
 

@@ -46,6 +46,16 @@ class FactSpec:
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
+# Edit settings for the fact model, used by the demo and by the tests that edit it. Its neutral
+# target is far: edited at layers 0-1 of 4, reading the prompt's last token, EOS reaches only
+# P 0.003 within the reference's clamp of 0.75 ||h|| (1 of 3 facts stays recalled); 1.5 ||h||
+# reaches 0.3. Its context templates are syllable noise that moves a 4-layer model's last-token
+# key far from the bare prompt's, so keys averaged over them miss the prompt itself (--multi,
+# which writes z exactly at the averaged key, left 1 of 3 recalled): the bare prompt alone.
+# SmolLM2 keeps the reference's settings.
+FACT_EDIT = {"z_clamp": 1.5, "n_prefixes": 0}
+
+
 @dataclass(frozen=True)
 class Fact:
     """One fictional fact: subject, relation, answer."""
@@ -203,7 +213,7 @@ def run_demo(n_forget: int, out: Output) -> DemoResult:
         out.info(f"forgetting {len(forget)} facts of the synthetic model {model_dir}")
         run_unlearn(UnlearnOptions(model=model_dir, forget=req, out=Path(tmp) / "edited", device_map="cpu",
                                    signer=ephemeral()),
-                    Hyper(), out)
+                    Hyper(**FACT_EDIT), out)
         probes = forget + keep
         before = greedy_answers(model_dir, [f.prompt() for f in probes])
         after = greedy_answers(Path(tmp) / "edited", [f.prompt() for f in probes])

@@ -332,9 +332,14 @@ def _targets_batch(model, tok, spec: ArchSpec, requests: list[Request], layers: 
     n = len(requests)
     last = spec.layer_module(layers[-1])
     z_rows = build_rows(tok, requests, templates, neutral)
-    delta, h, z_prob = optimize_deltas(model, tok, spec, z_rows, kl_rows(tok, requests), [last], layers[-1], n, hp,
+    delta, _, z_prob = optimize_deltas(model, tok, spec, z_rows, kl_rows(tok, requests), [last], layers[-1], n, hp,
                                        hp.z_steps, hp.z_stop_prob, out, "neutral targets" + where)
-    z = (h + delta)[:, 0]  # (n, d)
+    # z is the bare prompt's own state plus the delta, as in the reference (MEMIT's compute_z):
+    # update.edit_layers measures the residual z - h on the bare prompt, so a template-averaged
+    # base here would add the bare prompt's offset from that average to every target (at an
+    # attention-sink token it cancelled the edit outright).
+    bare = outputs_at(model, tok, build_rows(tok, requests, ["{}"]), [last], n)[last]  # (n, d) float64
+    z = bare.float() + delta[:, 0]  # (n, d)
     if sensitive == "output":
         return z, z_prob, sensitive_outputs(model, tok, spec, requests, layers, templates)
     # The answer's direction: push each layer's output further toward the true target (reference).
