@@ -119,8 +119,9 @@ def test_subject_that_is_the_prompts_first_token(smollm2, tmp_path):
     assert not probe(model, tok, [(fact["prompt"], fact["target"])])[0].top1
 
 
-@pytest.mark.xfail(run=False, reason="not met yet: with 50 facts zu forgets 100 % (paraphrases 0 %) but keeps "
-                   "only 45 % of neighbours at perplexity +9.3 %, in ~7 min on 2 cores (bench/quality.py --n 50)")
+@pytest.mark.xfail(run=False, reason="not met yet: with 50 facts zu forgets 100 % (paraphrases 2 %) but keeps "
+                   "only 46.7 % of neighbours at perplexity +9.3 %, in ~7 min on 2 cores (bench/quality.py --n 50; "
+                   "docs/method.md, '50 facts at layers 8-10')")
 def test_smollm2_fp32_quality_50_facts_design_targets(smollm2, tmp_path):
     facts = FACTS[:50]
     out, _ = unlearn(smollm2, facts, tmp_path)
