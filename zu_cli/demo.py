@@ -51,7 +51,8 @@ class FactSpec:
 # P 0.003 within the reference's clamp of 0.75 ||h|| (1 of 3 facts stays recalled); 1.5 ||h||
 # reaches 0.3. Its context templates are syllable noise that moves a 4-layer model's last-token
 # key far from the bare prompt's, so keys averaged over them miss the prompt itself (--multi,
-# which writes z exactly at the averaged key, left 1 of 3 recalled): the bare prompt alone.
+# which writes z exactly at the averaged key, left all 3 recalled; 1 with a 4 ||h|| clamp):
+# the bare prompt alone.
 # SmolLM2 keeps the reference's settings.
 FACT_EDIT = {"z_clamp": 1.5, "n_prefixes": 0}
 
