@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zu_cli.budget import bytes_per_token, model_bytes, plan_batches
+from zu_cli.budget import bytes_per_token, casts_by_reference, model_bytes, optim_autocast, plan_batches
 from zu_cli.checkpoint import load_model, open_checkpoint
 from zu_cli.config import Hyper, load_config
 from zu_cli.console import silent
@@ -102,6 +102,54 @@ def test_an_unmoved_target_asks_for_no_change(llama):
     assert len(seen) == 2
     for wk, t in seen:
         torch.testing.assert_close(t, wk, rtol=0, atol=1e-4 * float(wk.abs().max()))
+
+
+def test_weight_casts_are_kept_by_reference_with_identical_gradients(llama):
+    """Under bfloat16 autocast the backward pass needs each weight's cast copy; kept as a reference
+    to the parameter and cast again, the gradient is bit for bit the same and no weight copy is held."""
+    _, model, tok, _ = llama
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog")["input_ids"]] * 3)
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    shapes |= {s[::-1] for s in shapes}
+    grads, kept = {}, {}
+    for by_ref in (False, True):
+        hooks = casts_by_reference(model, torch.bfloat16)
+        pack = hooks.pack_hook if by_ref else (lambda t: t)
+        unpack = hooks.unpack_hook if by_ref else (lambda t: t)
+        held = []
+
+        def counted(t, pack=pack, held=held):  # what autograd keeps, after the pack hook
+            x = pack(t)
+            held.append(tuple(x.shape) if isinstance(x, torch.Tensor) else "reference")
+            return x
+
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(counted, unpack):
+            loss = model(inputs_embeds=emb).logits.float().logsumexp(-1).sum()
+        loss.backward()
+        grads[by_ref], kept[by_ref] = emb.grad, held
+    assert torch.equal(grads[False], grads[True]) and grads[True].abs().sum() > 0
+    n_linear = sum(s in shapes for s in kept[False])
+    assert n_linear >= len(model.model.layers) * 7  # q, k, v, o, gate, up, down: each weight's copy is kept
+    assert kept[True].count("reference") == n_linear and not any(s in shapes for s in kept[True])
+    # optim_autocast puts the two together when given the model, and is plain autocast without it.
+    assert isinstance(optim_autocast(torch.device("cpu"), "bfloat16"), torch.autocast)
+    assert not isinstance(optim_autocast(torch.device("cpu"), "bfloat16", model), torch.autocast)
+
+
+def test_targets_of_an_offloaded_model_under_autocast_match(llama, tmp_path):
+    """Offloaded weights are meta placeholders until a hook brings them in: their casts are kept
+    as they are, and the targets are those of the model held in memory."""
+    ckpt, model, tok, reqs = llama
+    off, _ = load_model(ckpt, device_map="auto", max_memory="cpu=120KB", offload_dir=str(tmp_path / "off"),
+                        dtype="float32")
+    assert "disk" in set(off.hf_device_map.values())
+    tpl = context_templates(model, tok, Hyper(n_prefixes=2, prefix_len=4))
+    hp = Hyper(optim_dtype="bfloat16", z_steps=4)
+    got = [edit_targets(m, tok, ckpt.spec, reqs[:2], [1, 2], tpl, neutral_ids(tok, reqs[:2], "eos"), hp, "output",
+                        silent()) for m in (model, off)]
+    assert got[0][0].abs().sum() > 0
+    torch.testing.assert_close(got[0][0], got[1][0], rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("key,val", [("batch_requests", -1), ("activation_budget", 0.0)])

@@ -219,7 +219,7 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
         unit = (hnorm / dim ** 0.5).detach()[..., None]  # (n, modules, 1)
         u = torch.zeros(n, len(modules), dim, device=dev, requires_grad=True)
         opt = torch.optim.Adam([u], lr=hp.z_lr)
-        cast = optim_autocast(dev, hp.optim_dtype)
+        cast = optim_autocast(dev, hp.optim_dtype, model)
         # Per-token values -> mean per row (over its target tokens) -> mean per request (over templates).
         per_req = lambda x: _mean_by(own, _mean_by(tgt_row, x, n_main), n)
         with replay, out.progress(label, steps) as advance:
