@@ -112,7 +112,7 @@ def casts_by_reference(model: torch.nn.Module, dtype: torch.dtype):
             table[key] = None if key in table and table[key] is not p else p  # ambiguous: never replaced
 
     def pack(t: torch.Tensor):
-        if t.dtype == dtype and t.dim() == 2 and not t.requires_grad:
+        if t.dtype == dtype and t.dim() == 2 and t.numel() and not t.requires_grad:
             for transposed, w in ((False, t), (True, t.T)):  # linear layers save W or W^T
                 p = table.get(fingerprint(w.shape, w[0, :8], w[-1, -8:]))
                 if p is not None and p.device == t.device:
