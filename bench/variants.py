@@ -39,7 +39,7 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
     from zu_cli.errors import NumericalError
     from zu_cli.manifest import dir_digests, sha256_file_list
     from zu_cli.requests import load_requests
-    from zu_cli.stats import collect_stats
+    from zu_cli.keep import solve_moments
     from zu_cli.text import neutral_ids
 
     out = silent()
@@ -92,8 +92,8 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
             torch.save((z, z_prob, sens, round(time.perf_counter() - t0, 1)), path)
     shared["targets"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    g, kk, _ = collect_stats(model, tok, spec, layers, biases, hp, None, sha256_file_list(dir_digests(ckpt.path)),
-                             out, keys=True)
+    g, kk, _ = solve_moments(model, tok, spec, layers, biases, hp, None, sha256_file_list(dir_digests(ckpt.path)),
+                             [], out, keys=True)
     shared["statistics"] = time.perf_counter() - t0
     rows = {}
     for v in variants:

@@ -202,7 +202,7 @@ def test_keep_moments_skip_the_first_token(tiny_models):
     token then adds nothing, and never a division by zero."""
     from zu_cli.checkpoint import load_model
     from zu_cli.console import silent
-    from zu_cli.stats import keep_moments
+    from zu_cli.keep import keep_moments
 
     ckpt = open_checkpoint(tiny_models["llama"])
     model, tok = load_model(ckpt, device_map="cpu", dtype="float32")

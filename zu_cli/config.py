@@ -35,6 +35,10 @@ class Hyper:
     Closed form (§2.7): ``lambda_g``, ``lambda_f``, ``lambda_r``.
     Keep-constraints: the second moments of the ``--retain`` prompts (and of the forget requests'
     neighbours) join the general statistics with weight ``retain_weight`` per token (zu's addition).
+    Entity keep-set: the second moments over the name tokens of ``entity_samples`` texts of
+    ``entity_len`` tokens the model writes from name-eliciting seeds join G with weight
+    ``entity_weight`` per token (closed form) and E[k k^T] with ``multi_entity_weight``
+    (--multi: it also shrinks the null space); not computed when the variant's weight is 0.
     Statistics (§2.6): ``stats_samples`` texts of ``stats_len`` tokens sampled from the model
     when no corpus is given (``stats_max_tokens`` caps any corpus).
     --multi (§2.8): eigenvalues of E[k k^T] below ``null_threshold`` span the null space;
@@ -65,6 +69,9 @@ class Hyper:
     lambda_f: float = 50.0
     lambda_r: float = 1.0
     retain_weight: float = 1.0
+    entity_weight: float = 1.0
+    entity_samples: int = 320
+    entity_len: int = 48
     stats_samples: int = 200
     stats_len: int = 64
     stats_max_tokens: int = 100_000
@@ -76,6 +83,7 @@ class Hyper:
     multi_target_weight: float = 100.0
     multi_norm_weight: float = 0.1
     multi_general_weight: float = 0.0
+    multi_entity_weight: float = 0.0
     max_rel_change: float = 1.5
     max_cond: float = 1e12
     rounding: str = "stochastic"
@@ -141,7 +149,10 @@ def load_config(path: Path | None, **overrides: Any) -> Hyper:
         if key in values and values[key] not in allowed:
             raise InputFileError(f"{path or 'config'}: field {key!r} must be one of {', '.join(allowed)}")
     for key, ok, what in (("batch_requests", lambda v: v >= 0, ">= 0 (0: by activation_budget)"),
-                          ("activation_budget", lambda v: v > 0, "> 0"), ("retain_weight", lambda v: v >= 0, ">= 0")):
+                          ("activation_budget", lambda v: v > 0, "> 0"), ("retain_weight", lambda v: v >= 0, ">= 0"),
+                          ("entity_weight", lambda v: v >= 0, ">= 0"), ("multi_entity_weight", lambda v: v >= 0, ">= 0"),
+                          ("entity_samples", lambda v: v > 0, "> 0"),
+                          ("entity_len", lambda v: v > 0, "> 0")):
         if key in values and not ok(values[key]):
             raise InputFileError(f"{path or 'config'}: field {key!r} must be {what}, got {values[key]!r}")
     return Hyper(**values)

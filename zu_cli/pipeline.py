@@ -63,7 +63,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     from .checkpoint import check_out, load_model, open_checkpoint, write_checkpoint
     from .keys import load_signing_key
     from .requests import load_requests
-    from .stats import collect_stats, keep_moments, keep_prompts, with_keep
+    from .keep import keep_prompts, solve_moments
     from .text import neutral_ids
     from .probes import probe, token_ranks
 
@@ -116,10 +116,8 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     t["targets"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    g, kk, corpus_digest = collect_stats(model, tok, spec, layers, biases, hp, opts.stats_corpus, source, out,
-                                         keys=opts.multi)
-    g_keep, kk_keep = keep_moments(model, tok, spec, layers, biases, keep, out, keys=opts.multi)
-    g, kk = with_keep(g, g_keep, hp.retain_weight), with_keep(kk, kk_keep, hp.retain_weight)
+    g, kk, corpus_digest = solve_moments(model, tok, spec, layers, biases, hp, opts.stats_corpus, source, keep, out,
+                                         keys=opts.multi, closed=not opts.multi)
     t["statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -14,7 +14,7 @@ from .config import Hyper
 from .console import Output
 from .errors import InputFileError
 from .hooks import TraceDict
-from .text import as_tokens, encode, input_device, left_pad, sample
+from .text import as_tokens, input_device, left_pad, sample
 
 KEY_SUFFIX = ":kkT"  # names E[k k^T] next to a module's G in the cache and in second_moments' result
 SEED_WORDS = ["The", "In", "A", "It", "He", "She", "They", "This", "We", "When", "After", "Many"]
@@ -62,7 +62,8 @@ def read_corpus(path: str | Path) -> tuple[list[str], str]:
 
 def samples_digest(n_samples: int, length: int, seed: int) -> str:
     """Digest naming the model-sampled corpus (its text depends only on the model and these)."""
-    return hashlib.sha256(f"model-samples:{n_samples}x{length}:seed{seed}".encode()).hexdigest()
+    # v2: sampled 64 at a time (text.sample), which draws other texts than one batch did
+    return hashlib.sha256(f"model-samples-v2:{n_samples}x{length}:seed{seed}".encode()).hexdigest()
 
 
 def corpus_tokens(model, tok, corpus: str | None, n_samples: int, length: int, max_tokens: int,
@@ -92,8 +93,8 @@ def corpus_tokens(model, tok, corpus: str | None, n_samples: int, length: int, m
 def second_moments(model, seqs: list[list[int]], modules: list[str], biases: dict[str, torch.Tensor | None],
                    pad_id: int, out: Output, batch_size: int = 16,
                    key_modules: tuple[str, ...] = (), label: str = "statistics",
-                   skip_first: bool = False) -> dict[str, torch.Tensor]:
-    """G = E[v v^T] of each module's output v (bias removed), over every real token, in one pass;
+                   select: list[list[bool]] | None = None) -> dict[str, torch.Tensor]:
+    """G = E[v v^T] of each module's output v (bias removed), over every real (or selected) token, in one pass;
     also E[k k^T] of the input k of the modules in ``key_modules`` (for --multi).
 
     Args:
@@ -106,7 +107,7 @@ def second_moments(model, seqs: list[list[int]], modules: list[str], biases: dic
         batch_size: sequences per forward pass.
         key_modules: modules (among ``modules``) whose input moments are wanted too.
         label: progress bar label.
-        skip_first: leave out each sequence's first token.
+        select: per sequence, which of its tokens count (default: all of them).
 
     Returns:
         module name -> G (d_model, d_model), and ``name + KEY_SUFFIX`` -> E[k k^T] (d_ff, d_ff);
@@ -121,9 +122,10 @@ def second_moments(model, seqs: list[list[int]], modules: list[str], biases: dic
             batch = left_pad(chunk, pad_id, dev)
             with TraceDict(model, modules, retain_input=bool(key_modules), stop=True) as td:
                 model(**batch.kwargs())
-            real = batch.mask.bool().cpu()
-            if skip_first:
-                real[torch.arange(len(chunk)), batch.offset.cpu()] = False
+            real = batch.mask.bool().cpu()  # (B, T); rows are left-padded
+            if select is not None:
+                for i, sel in enumerate(select[b:b + batch_size]):
+                    real[i, int(batch.offset[i]):] &= torch.tensor(sel, dtype=torch.bool)
             for name in modules:
                 v = as_tokens(td[name].output, *batch.ids.shape).to(device="cpu", dtype=torch.float64)[real]  # (tokens, d)
                 if biases.get(name) is not None:
@@ -166,6 +168,36 @@ def store_cached(key: str, g: torch.Tensor) -> None:
     os.replace(tmp, d / f"{key}.safetensors")
 
 
+def cached_moments(source: str, digest: str, names: dict[int, str], keys: bool,
+                   compute: Callable[[list[int], tuple[str, ...]], dict[str, torch.Tensor]]
+                   ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Second moments per layer from the cache, computing (one call) and storing whatever is missing.
+
+    Args:
+        source: digest of the source weights.
+        digest: digest naming the token set and its settings.
+        names: layer -> down-projection module name.
+        keys: E[k k^T] is wanted too.
+        compute: (layers to compute, modules whose key moments are missing) -> second_moments' result.
+
+    Returns:
+        (layer -> G, layer -> E[k k^T] or empty unless ``keys``).
+    """
+    wanted = list(names.values()) + ([n + KEY_SUFFIX for n in names.values()] if keys else [])
+    cache_keys = {w: stats_key(source, w, digest) for w in wanted}
+    found = {w: c for w in wanted if (c := load_cached(cache_keys[w])) is not None}
+    missing = [w for w in wanted if w not in found]
+    if missing:
+        # One pass computes every missing statistic; G comes free with E[k k^T] (same hook).
+        need = sorted({l for l, n in names.items() if n in missing or n + KEY_SUFFIX in missing})
+        fresh = compute(need, tuple(names[l] for l in need if names[l] + KEY_SUFFIX in missing))
+        for w in missing:
+            found[w] = fresh[w]
+            store_cached(cache_keys[w], fresh[w])
+    return ({l: found[n] for l, n in names.items()},
+            {l: found[n + KEY_SUFFIX] for l, n in names.items()} if keys else {})
+
+
 def collect_stats(model, tok, spec, layers, biases, hp: Hyper, corpus: str | None, source: str,
                   out: Output, keys: bool = False) -> tuple[dict[int, Any], dict[int, Any], str]:
     """G per edited layer (and E[k k^T] when ``keys``) from the cache, or from one pass over the
@@ -181,69 +213,13 @@ def collect_stats(model, tok, spec, layers, biases, hp: Hyper, corpus: str | Non
     else:
         corpus_digest = samples_digest(hp.stats_samples, hp.stats_len, hp.seed)
     names = {l: spec.down_proj_module(l) for l in layers}
-    wanted = list(names.values()) + ([n + KEY_SUFFIX for n in names.values()] if keys else [])
-    cache_keys = {w: stats_key(source, w, corpus_digest) for w in wanted}
-    found = {w: c for w in wanted if (c := load_cached(cache_keys[w])) is not None}
-    missing = [w for w in wanted if w not in found]
-    if missing:
+
+    def compute(need: list[int], key_mods: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        nonlocal seqs
         if seqs is None:
             seqs, _ = corpus_tokens(model, tok, None, hp.stats_samples, hp.stats_len, hp.stats_max_tokens, hp.seed)
-        # One pass computes every missing statistic; G comes free with E[k k^T] (same hook).
-        need = sorted({l for l in layers if names[l] in missing or names[l] + KEY_SUFFIX in missing})
-        mods = [names[l] for l in need]
-        fresh = second_moments(model, seqs, mods, {names[l]: biases[l] for l in need}, tok.pad_token_id, out,
-                               key_modules=tuple(m for m in mods if m + KEY_SUFFIX in missing))
-        for w in missing:
-            found[w] = fresh[w]
-            store_cached(cache_keys[w], fresh[w])
-    g = {l: found[names[l]] for l in layers}
-    kk = {l: found[names[l] + KEY_SUFFIX] for l in layers} if keys else {}
+        return second_moments(model, seqs, [names[l] for l in need], {names[l]: biases[l] for l in need},
+                              tok.pad_token_id, out, key_modules=key_mods)
+
+    g, kk = cached_moments(source, corpus_digest, names, keys, compute)
     return g, kk, corpus_digest
-
-
-def keep_prompts(retain: list, forget: list) -> list[str]:
-    """The prompts whose down-projection outputs the edit must keep: every prompt of the retain
-    requests (prompt, paraphrases, neighbours) and the neighbours of the forget requests.
-
-    Args:
-        retain: requests.Request list from ``--retain`` (facts to keep).
-        forget: the forget requests; their paraphrases are NOT kept (they are to be forgotten).
-
-    Returns:
-        Distinct prompts, in file order, without any prompt or paraphrase of a forget request.
-    """
-    prompts = [p for r in retain for p in (r.prompt, *r.paraphrases, *(nb.prompt for nb in r.neighbors))]
-    prompts += [nb.prompt for r in forget for nb in r.neighbors]
-    gone = {p for r in forget for p in (r.prompt, *r.paraphrases)}  # forgetting wins over keeping
-    return [p for p in dict.fromkeys(prompts) if p not in gone]
-
-
-def with_keep(stats: dict[int, torch.Tensor], keep: dict[int, torch.Tensor], weight: float) -> dict[int, torch.Tensor]:
-    """Add the keep-prompts' moments to the general ones: ``stats + weight * keep`` per layer.
-
-    Both are means over tokens, so ``weight`` says how much one keep token counts against one
-    general-text token in the solve's "leave everything else alone" term.
-    """
-    return {l: s + weight * keep[l] for l, s in stats.items()} if keep else stats
-
-
-def keep_moments(model, tok, spec, layers, biases, prompts: list[str], out: Output,
-                 keys: bool = False) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """G (and E[k k^T] when ``keys``) over the keep-prompts' tokens, on the unedited model.
-
-    Each prompt's first token is left out: it is the attention sink (see edit.build_rows), the
-    same state whatever follows, already in the general statistics, and in a prompt of eight
-    tokens it would be an eighth of the weight.
-
-    Returns:
-        (layer -> G (d, d), layer -> E[k k^T] (f, f) or empty), float64 on CPU; both empty when
-        there are no prompts. Not cached: a retain file is small next to the general corpus.
-    """
-    if not prompts:
-        return {}, {}
-    names = {l: spec.down_proj_module(l) for l in layers}
-    mods = [names[l] for l in layers]
-    m = second_moments(model, [encode(tok, p) for p in prompts], mods, {names[l]: biases[l] for l in layers},
-                       tok.pad_token_id, out, key_modules=tuple(mods) if keys else (), label="keep statistics",
-                       skip_first=True)
-    return ({l: m[names[l]] for l in layers}, {l: m[names[l] + KEY_SUFFIX] for l in layers} if keys else {})

@@ -1,0 +1,154 @@
+"""Keep-constraints: the entity keep-set's token selection, its moments and cache, and its wiring."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from conftest import build_tokenizer
+from zu_cli.checkpoint import load_model, open_checkpoint
+from zu_cli.cli import app
+from zu_cli.config import Hyper
+from zu_cli.console import silent
+
+TEXT = "The capital of France is Paris. The river Seine flows through Paris and Le Havre.\nMany people live there."
+NAMES = {"France", "Paris", "Seine", "Le", "Havre"}
+
+
+def _flagged_words(tok, ids, flags):
+    """The words of the decoded text that hold a character of a flagged token."""
+    import re
+
+    text, marked = "", set()
+    for j, f in enumerate(flags):
+        cur = tok.decode(ids[:j + 1])
+        if f:
+            marked.update(range(len(text), len(cur)))
+        text = cur
+    return {m.group() for m in re.finditer(r"\w+", text) if marked & set(range(m.start(), m.end()))}
+
+
+def _metaspace_tokenizer():
+    """A SentencePiece-style word tokenizer: '▁Paris' decodes alone as 'Paris', without its space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = TEXT.replace(".", " .").split()
+    vocab = {"<unk>": 0, "<0x0A>": 1, "▁\n": 2}
+    for w in words:
+        vocab.setdefault("▁" + w, len(vocab))
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
+    tk.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+
+
+def test_entity_mask_flags_names_not_sentence_openers():
+    from zu_cli.keep import entity_mask
+
+    for tok, text in ((build_tokenizer(), TEXT), (_metaspace_tokenizer(), TEXT.replace("\n", " "))):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids
+        flags = entity_mask(tok, ids)
+        assert len(flags) == len(ids)
+        got = _flagged_words(tok, ids, flags)
+        assert got == NAMES, (type(tok.backend_tokenizer.pre_tokenizer).__name__, got)
+
+
+def test_entity_moments_match_a_direct_pass_and_are_cached(tiny_models, monkeypatch, tmp_path):
+    """Left-padded batches select the same tokens as one unpadded sequence at a time; a second
+    call reads the cache; weight 0 computes nothing."""
+    import zu_cli.keep as keep
+    from zu_cli.hooks import TraceDict
+    from zu_cli.text import sample
+
+    monkeypatch.setenv("ZU_CACHE_DIR", str(tmp_path))
+    ckpt = open_checkpoint(tiny_models["llama"])
+    model, tok = load_model(ckpt, device_map="cpu", dtype="float32")
+    hp = Hyper(entity_weight=1.0, entity_samples=20, entity_len=12, seed=3)
+    calls = []
+    real = keep.second_moments
+    monkeypatch.setattr(keep, "second_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g, kk = keep.entity_moments(model, tok, ckpt.spec, [1], {1: None}, hp, "src", silent(), keys=True)
+    assert len(calls) == 1
+
+    seeds = [keep.ENTITY_SEEDS[i % len(keep.ENTITY_SEEDS)] for i in range(20)]
+    seqs = sample(model, tok, seeds, 12, torch.Generator().manual_seed(3))
+    name = ckpt.spec.down_proj_module(1)
+    vs, ks = [], []
+    with TraceDict(model, [name], retain_input=True) as td, torch.no_grad():
+        for s in seqs:
+            m = torch.tensor(keep.entity_mask(tok, s))
+            model(torch.tensor([s]))
+            vs.append(td[name].output[0][m].double())
+            ks.append(td[name].input[0][m].double())
+    v, k = torch.cat(vs), torch.cat(ks)
+    assert len(v) > 0, "no name token sampled: the check below would be vacuous"
+    torch.testing.assert_close(g[1], v.T @ v / len(v), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(kk[1], k.T @ k / len(k), rtol=1e-4, atol=1e-6)
+
+    g2, kk2 = keep.entity_moments(model, tok, ckpt.spec, [1], {1: None}, hp, "src", silent(), keys=True)
+    assert len(calls) == 1 and torch.equal(g2[1], g[1]) and torch.equal(kk2[1], kk[1])
+
+
+def test_solve_moments_adds_the_entity_set_where_the_variant_uses_it(tiny_models, monkeypatch, tmp_path):
+    """Closed form: G + entity_weight G_ent; --multi: E[kk^T] + multi_entity_weight E_ent[kk^T], and no
+    entity pass at all when the variant's weight is 0."""
+    import dataclasses
+
+    import zu_cli.keep as keep
+    from zu_cli.stats import collect_stats
+
+    monkeypatch.setenv("ZU_CACHE_DIR", str(tmp_path))
+    ckpt = open_checkpoint(tiny_models["llama"])
+    model, tok = load_model(ckpt, device_map="cpu", dtype="float32")
+    hp = Hyper(stats_samples=4, stats_len=8, entity_samples=20, entity_len=12, seed=3, entity_weight=2.0,
+               multi_entity_weight=0.0)
+    calls = []
+    real = keep.second_moments
+    monkeypatch.setattr(keep, "second_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = (model, tok, ckpt.spec, [1], {1: None})
+    g0, kk0, _ = collect_stats(*args, hp, None, "src", silent(), keys=True)
+    g_ent, kk_ent = keep.entity_moments(*args, hp, "src", silent(), keys=True)
+    calls.clear()
+    g, kk, _ = keep.solve_moments(*args, hp, None, "src", [], silent(), keys=True, closed=False)
+    assert calls == [] and torch.equal(g[1], g0[1]) and torch.equal(kk[1], kk0[1])
+    g, _, _ = keep.solve_moments(*args, hp, None, "src", [], silent())
+    torch.testing.assert_close(g[1], g0[1] + 2.0 * g_ent[1])
+    hp = dataclasses.replace(hp, multi_entity_weight=3.0)
+    g, kk, _ = keep.solve_moments(*args, hp, None, "src", [], silent(), keys=True, closed=False)
+    torch.testing.assert_close(kk[1], kk0[1] + 3.0 * kk_ent[1])
+    assert torch.equal(g[1], g0[1])
+
+
+def test_entity_weight_changes_the_edit_and_is_recorded(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("ZU_CACHE_DIR", str(tmp_path / "cache"))
+    req = tmp_path / "forget.jsonl"
+    req.write_text(json.dumps({"id": "a", "prompt": "The quick brown fox", "subject": "fox", "target": "jumps"}) + "\n")
+    base = ("n_prefixes: 1\nprefix_len: 3\nz_steps: 3\nsens_steps: 3\nstats_samples: 8\nstats_len: 12\n"
+            "max_rel_change: 1000.0\nentity_samples: 16\nentity_len: 12\n")
+    news = {}
+    for w in (0.0, 5.0):
+        cfg = tmp_path / f"c{w}.yaml"
+        cfg.write_text(base + f"entity_weight: {w}\n")
+        out = tmp_path / f"o{w}"
+        res = CliRunner().invoke(app, ["unlearn", "--model", str(tiny_models["llama"]), "--forget", str(req),
+                                       "--out", str(out), "--config", str(cfg), "--layers", "1",
+                                       "--device-map", "cpu"])
+        assert res.exit_code == 0, res.output
+        pred = json.loads((out / "zu-manifest.json").read_text())["predicate"]
+        assert pred["edit"]["hyperparameters"]["entity_weight"] == w
+        ck = open_checkpoint(out)
+        news[w] = ck.read_tensor(ck.spec.down_proj_weight(1))
+    assert not torch.equal(news[0.0], news[5.0])
+
+
+def test_negative_entity_weight_is_refused(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("entity_weight: -1\n")
+    res = CliRunner().invoke(app, ["unlearn", "--model", str(tmp_path), "--forget", str(cfg), "--out",
+                                   str(tmp_path / "o"), "--config", str(cfg)])
+    assert res.exit_code == 2 and "entity_weight" in res.output
