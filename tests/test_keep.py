@@ -56,6 +56,10 @@ def test_entity_mask_flags_names_not_sentence_openers():
         assert len(flags) == len(ids)
         got = _flagged_words(tok, ids, flags)
         assert got == NAMES, (type(tok.backend_tokenizer.pre_tokenizer).__name__, got)
+        special = tok.eos_token_id if tok.eos_token_id is not None else tok.unk_token_id
+        assert entity_mask(tok, [special] + ids) == [False] + flags  # a BOS-like token changes nothing
+        cut = ids.index(tok("Many", add_special_tokens=False)["input_ids"][0])
+        assert not entity_mask(tok, ids[:3] + [special] + ids[cut:])[4]  # "Many" after end of text opens a sentence
 
 
 def test_entity_moments_match_a_direct_pass_and_are_cached(tiny_models, monkeypatch, tmp_path):

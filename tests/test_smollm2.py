@@ -44,9 +44,9 @@ def unlearn(model_dir, facts, tmp_path, multi=False):
 def check_quality(base, after, n):
     """Design targets (§7): >= 90 % forgotten, paraphrases <= 40 %, neighbours >= 75 % of base, PPL <= +3 %.
 
-    Measured on this release with the SmolLM2 default (layers 8-10, output sensitive vectors),
-    10 facts: 90 % forgotten (at the bound), 11 % of paraphrases, 85 % / 92 % of neighbours, PPL
-    +1.8 % / +2.0 % (fp32 / bf16); the authors' code: 80 %, 50 %, 50 %, +3 %.
+    Measured on this release with the SmolLM2 default (layers 8-10, output sensitive vectors,
+    entity keep-set weight 1), 10 facts: 100 % forgotten, 0 % of paraphrases, 92 % of neighbours,
+    PPL +1.4 % / +1.2 % (fp32 / bf16); the authors' code: 80 %, 50 %, 50 %, +3 %.
     """
     rate = lambda xs: sum(xs) / len(xs)
     report = {"recalled": rate(after["eff"]), "para": rate(after["gen"]),
@@ -119,9 +119,9 @@ def test_subject_that_is_the_prompts_first_token(smollm2, tmp_path):
     assert not probe(model, tok, [(fact["prompt"], fact["target"])])[0].top1
 
 
-@pytest.mark.xfail(run=False, reason="not met yet: with 50 facts zu forgets 100 % (paraphrases 2 %) but keeps "
-                   "only 46.7 % of neighbours at perplexity +9.3 %, in ~7 min on 2 cores (bench/quality.py --n 50; "
-                   "docs/method.md, '50 facts at layers 8-10')")
+@pytest.mark.xfail(run=False, reason="not met yet: with 50 facts zu forgets 98 % (paraphrases 0 %) but keeps "
+                   "only 58.3 % of neighbours at perplexity +6.8 %, in ~8 min on 2 cores (bench/quality.py --n 50; "
+                   "docs/method.md, 'The entity keep-set, built in')")
 def test_smollm2_fp32_quality_50_facts_design_targets(smollm2, tmp_path):
     facts = FACTS[:50]
     out, _ = unlearn(smollm2, facts, tmp_path)

@@ -76,7 +76,8 @@ def entity_mask(tok, ids: list[int]) -> list[bool]:
     """Which tokens belong to a capitalised word that does not open a sentence (a name, mostly).
 
     Pieces come from decoding growing prefixes, so a tokenizer that drops a token's leading
-    space when it is decoded alone (SentencePiece) still shows where words start.
+    space when it is decoded alone (SentencePiece) still shows where words start. A special
+    token (BOS, end of text) is never a name and starts a new sentence.
 
     Args:
         tok: the tokenizer.
@@ -85,9 +86,14 @@ def entity_mask(tok, ids: list[int]) -> list[bool]:
     Returns:
         One flag per token.
     """
+    special = set(tok.all_special_ids)
     flags, prev, in_name, sentence_start = [], "", False, True
     for j in range(len(ids)):
-        cur = tok.decode(ids[:j + 1])
+        if ids[j] in special:  # BOS, end of text: what follows opens a sentence
+            flags.append(False)
+            sentence_start = True
+            continue
+        cur = tok.decode(ids[:j + 1], skip_special_tokens=True)
         piece, at = cur[len(prev):], len(prev)
         prev = cur
         word = piece.lstrip()
@@ -120,7 +126,7 @@ def entity_moments(model, tok, spec, layers, biases, hp: Hyper, source: str, out
     Returns:
         (layer -> G, layer -> E[k k^T] or empty unless ``keys``).
     """
-    digest = hashlib.sha256(f"entity-samples-v2:{hp.entity_samples}x{hp.entity_len}:seed{hp.seed}:"
+    digest = hashlib.sha256(f"entity-samples-v3:{hp.entity_samples}x{hp.entity_len}:seed{hp.seed}:"
                             f"{'|'.join(ENTITY_SEEDS)}".encode()).hexdigest()
     names = {l: spec.down_proj_module(l) for l in layers}
 
