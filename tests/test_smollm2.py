@@ -140,8 +140,8 @@ def test_smollm2_bf16_sharded_quality(smollm2_bf16, tmp_path):
 
 
 @pytest.mark.xfail(run=False, reason="not met yet (docs/method.md, 'Which layers'): at SmolLM2's default "
-                   "layers 8-10 --multi gradient forgets 100 % (paraphrases 1.1 % recalled) but keeps 19.2 % of "
-                   "neighbours at perplexity +21.8 % (at 17-19: 95.6 %, 15 %, x2.29). ~25 min here")
+                   "layers 8-10 --multi gradient forgets 100 % (paraphrases 0 % recalled) but keeps 17.8 % of "
+                   "neighbours at perplexity +24.2 % (at 17-19: 95.6 %, 15 %, x2.29). ~25 min here")
 def test_smollm2_multi_all_dev_facts(smollm2, tmp_path):
     """--multi (default solver: gradient) with all 159 dev facts at once, measured on the written
     checkpoint; issue targets: >= 90 % forgotten, paraphrases <= 40 %, neighbours >= 70 % of base,
