@@ -64,7 +64,7 @@ def test_entity_mask_flags_names_not_sentence_openers():
 
 def test_entity_moments_match_a_direct_pass_and_are_cached(tiny_models, monkeypatch, tmp_path):
     """Left-padded batches select the same tokens as one unpadded sequence at a time; a second
-    call reads the cache; weight 0 computes nothing."""
+    call reads the cache."""
     import zu_cli.keep as keep
     from zu_cli.hooks import TraceDict
     from zu_cli.text import sample
