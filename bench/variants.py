@@ -93,7 +93,7 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
     shared["targets"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     g, kk, _ = solve_moments(model, tok, spec, layers, biases, hp, None, sha256_file_list(dir_digests(ckpt.path)),
-                             [], out, keys=True)
+                             [], out, keys=True, requests=requests)
     shared["statistics"] = time.perf_counter() - t0
     rows = {}
     for v in variants:

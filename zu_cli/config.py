@@ -39,6 +39,10 @@ class Hyper:
     ``entity_len`` tokens the model writes from name-eliciting seeds join G with weight
     ``entity_weight`` per token (closed form) and E[k k^T] with ``multi_entity_weight``
     (--multi: it also shrinks the null space); not computed when the variant's weight is 0.
+    Subject-swap keep-set: each forget prompt with its subject replaced by ``swap_names`` names
+    the model writes (``swap_texts`` texts sampled from the same seeds) stands in for unlisted
+    neighbours; its second moments join G with ``swap_weight`` per token (closed form) and
+    E[k k^T] with ``multi_swap_weight`` (--multi).
     Statistics (§2.6): ``stats_samples`` texts of ``stats_len`` tokens sampled from the model
     when no corpus is given (``stats_max_tokens`` caps any corpus).
     --multi (§2.8): eigenvalues of E[k k^T] below ``null_threshold`` span the null space;
@@ -72,6 +76,9 @@ class Hyper:
     entity_weight: float = 1.0
     entity_samples: int = 320
     entity_len: int = 48
+    swap_weight: float = 1.0
+    swap_names: int = 8
+    swap_texts: int = 256
     stats_samples: int = 200
     stats_len: int = 64
     stats_max_tokens: int = 100_000
@@ -84,6 +91,7 @@ class Hyper:
     multi_norm_weight: float = 0.1
     multi_general_weight: float = 0.0
     multi_entity_weight: float = 0.0
+    multi_swap_weight: float = 0.0
     max_rel_change: float = 1.5
     max_cond: float = 1e12
     rounding: str = "stochastic"
@@ -152,7 +160,9 @@ def load_config(path: Path | None, **overrides: Any) -> Hyper:
                           ("activation_budget", lambda v: v > 0, "> 0"), ("retain_weight", lambda v: v >= 0, ">= 0"),
                           ("entity_weight", lambda v: v >= 0, ">= 0"), ("multi_entity_weight", lambda v: v >= 0, ">= 0"),
                           ("entity_samples", lambda v: v > 0, "> 0"),
-                          ("entity_len", lambda v: v > 0, "> 0")):
+                          ("entity_len", lambda v: v > 0, "> 0"), ("swap_weight", lambda v: v >= 0, ">= 0"),
+                          ("multi_swap_weight", lambda v: v >= 0, ">= 0"), ("swap_names", lambda v: v > 0, "> 0"),
+                          ("swap_texts", lambda v: v > 0, "> 0")):
         if key in values and not ok(values[key]):
             raise InputFileError(f"{path or 'config'}: field {key!r} must be {what}, got {values[key]!r}")
     return Hyper(**values)

@@ -1,16 +1,19 @@
 """Keep-constraints (zu's addition to §2.6/§2.8): second moments of what the edit must leave alone,
-added to the general statistics — the user's ``--retain`` facts and an entity keep-set sampled
-from the model itself."""
+added to the general statistics — the user's ``--retain`` facts, an entity keep-set sampled from
+the model itself, and the forget prompts with their subject swapped for other names."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import random
 
 import torch
 
 from .config import Hyper
 from .console import Output
-from .stats import KEY_SUFFIX, cached_moments, collect_stats, second_moments
+from .stats import KEY_SUFFIX, cache_dir, cached_moments, collect_stats, second_moments
 from .text import encode, sample
 
 # Seeds that make a model name people, places and organisations. Sampled general text names
@@ -21,6 +24,8 @@ ENTITY_SEEDS = ["Famous scientists such as", "The capital city of", "Well-known 
                 "The river", "The actor", "The painter", "The country of", "The language spoken by",
                 "The newspaper", "The king"]
 SENTENCE_END = (".", "!", "?", ":")
+NAME_LEN = 24  # tokens per text sampled for the name pool: a seed's continuation names one or two things
+NOT_NAMES = {"The", "I"}  # capitalised inside a sentence without being a name
 
 
 def keep_prompts(retain: list, forget: list) -> list[str]:
@@ -50,7 +55,7 @@ def with_keep(stats: dict[int, torch.Tensor], keep: dict[int, torch.Tensor], wei
 
 
 def keep_moments(model, tok, spec, layers, biases, prompts: list[str], out: Output,
-                 keys: bool = False) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+                 keys: bool = False, label: str = "keep statistics") -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """G (and E[k k^T] when ``keys``) over the keep-prompts' tokens, on the unedited model.
 
     Each prompt's first token is left out: it is the attention sink (see edit.build_rows), the
@@ -67,7 +72,7 @@ def keep_moments(model, tok, spec, layers, biases, prompts: list[str], out: Outp
     mods = [names[l] for l in layers]
     seqs = [encode(tok, p) for p in prompts]
     m = second_moments(model, seqs, mods, {names[l]: biases[l] for l in layers}, tok.pad_token_id, out,
-                       key_modules=tuple(mods) if keys else (), label="keep statistics",
+                       key_modules=tuple(mods) if keys else (), label=label,
                        select=[[False] + [True] * (len(s) - 1) for s in seqs])
     return ({l: m[names[l]] for l in layers}, {l: m[names[l] + KEY_SUFFIX] for l in layers} if keys else {})
 
@@ -141,29 +146,117 @@ def entity_moments(model, tok, spec, layers, biases, hp: Hyper, source: str, out
     return cached_moments(source, digest, names, keys, compute)
 
 
-def solve_moments(model, tok, spec, layers, biases, hp: Hyper, corpus, source: str, keep: list[str],
-                  out: Output, keys: bool = False, closed: bool = True
-                  ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], str]:
-    """The statistics the solve uses, per layer: general + entity keep-set + keep-prompts.
+def name_spans(tok, ids: list[int]) -> list[str]:
+    """The names in one token sequence, as text: runs of ``entity_mask`` tokens, a space token
+    between two of them included (a tokenizer that splits spaces off words)."""
+    spans, cur, gap = [], [], []
+    for t, f in zip(ids, entity_mask(tok, ids)):
+        piece = tok.decode([t])
+        if f:
+            cur, gap = cur + gap + [t], []
+        elif cur and piece.isspace() and "\n" not in piece:
+            gap.append(t)
+        elif cur:
+            spans.append(tok.decode(cur).strip())
+            cur, gap = [], []
+    return spans + ([tok.decode(cur).strip()] if cur else [])
 
-    G ← G + ``entity_weight`` G_ent + ``retain_weight`` G_keep and, when ``keys``,
-    E[k k^T] ← E[k k^T] + ``multi_entity_weight`` E_ent[k k^T] + ``retain_weight`` E_keep[k k^T].
-    The entity pass runs (or is read from the cache) only when a variant that is asked for uses it.
+
+def name_pool(model, tok, hp: Hyper, source: str) -> list[str]:
+    """Distinct names the model writes after ``ENTITY_SEEDS`` (``swap_texts`` texts of ``NAME_LEN``
+    tokens, seeded), sorted; cached as JSON under ``ZU_CACHE_DIR`` keyed by the source weights.
+
+    Args:
+        model, tok: the unedited model and its tokenizer.
+        hp: ``swap_texts`` and ``seed``.
+        source: digest of the source weights.
+
+    Returns:
+        Names of three characters or more.
+    """
+    digest = hashlib.sha256(f"names-v1:{source}:{hp.swap_texts}x{NAME_LEN}:seed{hp.seed}:"
+                            f"{'|'.join(ENTITY_SEEDS)}".encode()).hexdigest()[:32]
+    f = cache_dir() / "names" / f"{digest}.json"
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError):  # absent or damaged: recomputed
+        pass
+    gen = torch.Generator().manual_seed(hp.seed)
+    seqs = sample(model, tok, [ENTITY_SEEDS[i % len(ENTITY_SEEDS)] for i in range(hp.swap_texts)], NAME_LEN, gen)
+    names = sorted({n for s in seqs for n in name_spans(tok, s) if len(n) > 2 and n not in NOT_NAMES})
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(names))
+    os.replace(tmp, f)
+    return names
+
+
+def swap_prompts(requests: list, names: list[str], per_request: int, seed: int) -> list[str]:
+    """Each forget prompt with its subject swapped for ``per_request`` names from ``names``.
+
+    A neighbour is the same relation about another subject ("Michio Kaku works in the area of"
+    next to "Paracelsus works in the area of"); these prompts stand in for the ones the user did
+    not list. Names that hold a forgotten subject, or that one holds, are left out (forgetting
+    wins), as are requests without a subject.
+
+    Args:
+        requests: the forget requests.
+        names: the name pool (``name_pool``).
+        per_request: names drawn per request (without replacement).
+        seed: the draw's seed.
+
+    Returns:
+        Distinct prompts, none of them a forget prompt or paraphrase.
+    """
+    subjects = [r.subject for r in requests if r.subject]
+    pool = [n for n in names if not any(n in s or s in n for s in subjects)]
+    rng = random.Random(seed)
+    prompts = [r.prompt.replace(r.subject, n, 1) for r in requests if r.subject and pool
+               for n in rng.sample(pool, min(per_request, len(pool)))]
+    gone = {p for r in requests for p in (r.prompt, *r.paraphrases)}
+    return [p for p in dict.fromkeys(prompts) if p not in gone]
+
+
+def swap_moments(model, tok, spec, layers, biases, hp: Hyper, requests: list, source: str, out: Output,
+                 keys: bool = False) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """G (and E[k k^T] when ``keys``) over the subject-swapped forget prompts (``swap_prompts``).
+
+    Returns:
+        (layer -> G, layer -> E[k k^T] or empty), both empty when no prompt can be built. Not
+        cached: the prompts depend on the requests (the name pool is cached).
+    """
+    prompts = swap_prompts(requests, name_pool(model, tok, hp, source), hp.swap_names, hp.seed)
+    return keep_moments(model, tok, spec, layers, biases, prompts, out, keys=keys, label="swap statistics")
+
+
+def solve_moments(model, tok, spec, layers, biases, hp: Hyper, corpus, source: str, keep: list[str],
+                  out: Output, keys: bool = False, closed: bool = True, requests: list = ()
+                  ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], str]:
+    """The statistics the solve uses, per layer: general + entity + subject-swap + keep-prompts.
+
+    G ← G + ``entity_weight`` G_ent + ``swap_weight`` G_swap + ``retain_weight`` G_keep and, when
+    ``keys``, E[k k^T] ← E[k k^T] + ``multi_entity_weight`` E_ent[k k^T] + ``multi_swap_weight``
+    E_swap[k k^T] + ``retain_weight`` E_keep[k k^T]. The entity and swap passes run (or are read
+    from the cache) only when a variant that is asked for uses them.
 
     Args:
         corpus: ``--stats-corpus`` or None (model samples).
         keep: keep-prompts (``keep_prompts``).
         keys: E[k k^T] is wanted (--multi).
-        closed: G is used by a closed-form solve (so ``entity_weight`` applies).
+        closed: G is used by a closed-form solve (so ``entity_weight`` and ``swap_weight`` apply).
+        requests: the forget requests (for the subject-swap keep-set).
 
     Returns:
         (layer -> G, layer -> E[k k^T] or empty, digest naming the general corpus).
     """
     g, kk, digest = collect_stats(model, tok, spec, layers, biases, hp, corpus, source, out, keys=keys)
-    ent_keys = keys and hp.multi_entity_weight > 0
-    g_ent, kk_ent = (entity_moments(model, tok, spec, layers, biases, hp, source, out, keys=ent_keys)
-                     if (closed and hp.entity_weight > 0) or ent_keys else ({}, {}))
+    args = (model, tok, spec, layers, biases, hp)
+    ent_w, swap_w = (hp.entity_weight, hp.swap_weight) if closed else (0.0, 0.0)
+    ent_kw, swap_kw = (hp.multi_entity_weight, hp.multi_swap_weight) if keys else (0.0, 0.0)
+    g_ent, kk_ent = (entity_moments(*args, source, out, keys=ent_kw > 0) if ent_w or ent_kw else ({}, {}))
+    g_swap, kk_swap = (swap_moments(*args, list(requests), source, out, keys=swap_kw > 0)
+                       if (swap_w or swap_kw) and requests else ({}, {}))
     g_keep, kk_keep = keep_moments(model, tok, spec, layers, biases, keep, out, keys=keys)
-    g = with_keep(with_keep(g, g_ent, hp.entity_weight if closed else 0.0), g_keep, hp.retain_weight)
-    kk = with_keep(with_keep(kk, kk_ent, hp.multi_entity_weight), kk_keep, hp.retain_weight)
+    g = with_keep(with_keep(with_keep(g, g_ent, ent_w), g_swap, swap_w), g_keep, hp.retain_weight)
+    kk = with_keep(with_keep(with_keep(kk, kk_ent, ent_kw), kk_swap, swap_kw), kk_keep, hp.retain_weight)
     return g, kk, digest
