@@ -179,18 +179,20 @@ def test_swap_prompts_replace_the_subject_and_never_keep_what_is_forgotten():
     reqs = [_req("a", "Marie Curie works in the area of", "Marie Curie"),
             _req("b", "The capital of France is", "France"),
             _req("c", "Some prompt without a subject", None),
-            _req("d", "Zed is a", "Zed", paraphrases=["Ada Lovelace is a"])]
+            _req("d", "Zed is a", "Zed", paraphrases=["Ada Lovelace is a"]),
+            _req("e", "Rex met Rex", "Rex")]
     names = ["Ada Lovelace", "Curie", "Marie Curie Institute", "Paris", "Rome", "Zed", "Zedland"]
     got = swap_prompts(reqs, names, 3, seed=0)
     # Names holding a forgotten subject or held by one never stand in; "Ada Lovelace is a" is a
     # forget paraphrase and is not kept; the subject-less request gives nothing.
     pool = ["Ada Lovelace", "Paris", "Rome"]
     for p in got:
-        assert not any(n in p for n in ("Curie", "Zed", "France")), p
+        assert not any(n in p for n in ("Curie", "Zed", "France", "Rex")), p
         assert p != "Ada Lovelace is a"
         assert any(p == r.prompt.replace(r.subject, n) for r in reqs if r.subject for n in pool), p
-    assert sorted(got) == sorted([r.prompt.replace(r.subject, n) for r in reqs[:2] for n in pool]
+    assert sorted(got) == sorted([r.prompt.replace(r.subject, n) for r in reqs[:2] + reqs[4:] for n in pool]
                                  + ["Paris is a", "Rome is a"])  # three names each, but "Ada Lovelace is a"
+    assert "Paris met Paris" in got  # every occurrence of the subject is swapped
     assert swap_prompts(reqs, names, 3, seed=0) == got  # deterministic
     assert len(set(swap_prompts(reqs, names, 1, s)[0] for s in range(20))) > 1  # the seed draws
     assert swap_prompts(reqs, [], 2, seed=0) == []

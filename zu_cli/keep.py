@@ -54,8 +54,8 @@ def with_keep(stats: dict[int, torch.Tensor], keep: dict[int, torch.Tensor], wei
     return {l: s + weight * keep[l] for l, s in stats.items()} if keep and weight else stats
 
 
-def keep_moments(model, tok, spec, layers, biases, prompts: list[str], out: Output,
-                 keys: bool = False, label: str = "keep statistics") -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+def keep_moments(model, tok, spec, layers, biases, prompts: list[str], out: Output, keys: bool = False,
+                 label: str = "keep statistics") -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """G (and E[k k^T] when ``keys``) over the keep-prompts' tokens, on the unedited model.
 
     Each prompt's first token is left out: it is the attention sink (see edit.build_rows), the
@@ -211,7 +211,8 @@ def swap_prompts(requests: list, names: list[str], per_request: int, seed: int) 
     subjects = [r.subject for r in requests if r.subject]
     pool = [n for n in names if not any(n in s or s in n for s in subjects)]
     rng = random.Random(seed)
-    prompts = [r.prompt.replace(r.subject, n, 1) for r in requests if r.subject and pool
+    # Every occurrence is swapped: a kept prompt that still names the subject would fight the edit.
+    prompts = [r.prompt.replace(r.subject, n) for r in requests if r.subject and pool
                for n in rng.sample(pool, min(per_request, len(pool)))]
     gone = {p for r in requests for p in (r.prompt, *r.paraphrases)}
     return [p for p in dict.fromkeys(prompts) if p not in gone]
