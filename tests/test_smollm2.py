@@ -121,7 +121,7 @@ def test_subject_that_is_the_prompts_first_token(smollm2, tmp_path):
 
 @pytest.mark.xfail(run=False, reason="not met yet: with 50 facts zu forgets 98 % (paraphrases 0 %) but keeps "
                    "only 58.3 % of neighbours at perplexity +6.8 %, in ~8 min on 2 cores (bench/quality.py --n 50; "
-                   "docs/method.md, 'The entity keep-set, built in')")
+                   "docs/method.md, 'The entity keep-set, built in'; swap_weight 1: 68.3 % at +6.0 %)")
 def test_smollm2_fp32_quality_50_facts_design_targets(smollm2, tmp_path):
     facts = FACTS[:50]
     out, _ = unlearn(smollm2, facts, tmp_path)

@@ -76,7 +76,7 @@ class Hyper:
     entity_weight: float = 1.0
     entity_samples: int = 320
     entity_len: int = 48
-    swap_weight: float = 1.0
+    swap_weight: float = 0.0
     swap_names: int = 8
     swap_texts: int = 256
     stats_samples: int = 200
