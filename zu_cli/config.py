@@ -42,7 +42,8 @@ class Hyper:
     Subject-swap keep-set: each forget prompt with its subject replaced by ``swap_names`` names
     the model writes (``swap_texts`` texts sampled from the same seeds) stands in for unlisted
     neighbours; its second moments join G with ``swap_weight`` per token (closed form) and
-    E[k k^T] with ``multi_swap_weight`` (--multi).
+    E[k k^T] with ``multi_swap_weight`` (--multi); both off by default (they weaken the re-mapping
+    to EOS, docs/method.md), not computed when the variant's weight is 0.
     Statistics (§2.6): ``stats_samples`` texts of ``stats_len`` tokens sampled from the model
     when no corpus is given (``stats_max_tokens`` caps any corpus).
     --multi (§2.8): eigenvalues of E[k k^T] below ``null_threshold`` span the null space;
