@@ -97,6 +97,31 @@ def test_known_smollm2_pins_its_measured_window_and_sensitive_kind():
     assert llama.default_layers(30, 960) == [17, 18, 19]  # another width: the relative window
 
 
+def test_known_smollm2_pins_its_measured_multi_settings():
+    """--multi on SmolLM2-135M edits 6-10 with the soft null space and both keep-sets (docs/method.md,
+    "--multi on SmolLM2-135M"); the settings hold for that window only, are valid config values,
+    and never replace one the user set."""
+    from types import SimpleNamespace
+
+    from zu_cli.arch import lookup
+    from zu_cli.config import Hyper, load_config
+
+    llama = lookup(SimpleNamespace(architectures=["LlamaForCausalLM"]))
+    assert llama.default_layers(30, 576, multi=True) == [6, 7, 8, 9, 10]
+    assert llama.default_layers(30, 576) == [8, 9, 10] and llama.default_layers(28, 3072, multi=True) == [16, 17, 18]
+    pins = llama.pinned_multi(30, 576, [6, 7, 8, 9, 10])
+    assert pins == {"solver": "exact", "multi_general_weight": 1e5, "multi_entity_weight": 1.0,
+                    "multi_swap_weight": 1.0}
+    assert llama.pinned_multi(30, 576, [8, 9, 10]) == {} and llama.pinned_multi(28, 3072, [16, 17, 18]) == {}
+    load_config(None, **pins)  # every pinned value passes the config's own checks
+    hp, applied = Hyper().with_pins(pins)
+    assert (hp.solver, hp.multi_general_weight, applied) == ("exact", 1e5, sorted(pins))
+    user = load_config(None, solver="gradient", multi_general_weight=0.0)  # the user's values win
+    hp, applied = user.with_pins(pins)
+    assert (hp.solver, hp.multi_general_weight, hp.multi_swap_weight) == ("gradient", 0.0, 1.0)
+    assert applied == ["multi_entity_weight", "multi_swap_weight"] and "explicit" not in hp.to_dict()
+
+
 def test_debug_shows_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("ZU_DEBUG", "1")
     res = runner.invoke(app, ["unlearn", "--model", str(tmp_path), "--forget", str(tmp_path / "x.jsonl"),

@@ -119,16 +119,24 @@ def test_subject_that_is_the_prompts_first_token(smollm2, tmp_path):
     assert not probe(model, tok, [(fact["prompt"], fact["target"])])[0].top1
 
 
-@pytest.mark.xfail(run=False, reason="not met yet: with 50 facts zu forgets 98 % (paraphrases 0 %) but keeps "
-                   "only 58.3 % of neighbours at perplexity +6.8 %, in ~8 min on 2 cores (bench/quality.py --n 50; "
-                   "docs/method.md, 'The entity keep-set, built in'; swap_weight 1: 68.3 % at +6.0 %)")
-def test_smollm2_fp32_quality_50_facts_design_targets(smollm2, tmp_path):
+def test_smollm2_multi_50_facts_design_targets(smollm2, tmp_path):
+    """Issue 3's 50-fact targets, met by ``zu unlearn --multi`` with the settings SmolLM2's
+    architecture entry pins (layers 6-10, exact solve, soft null space, entity and subject-swap
+    keep-sets; docs/method.md, "--multi on SmolLM2-135M"). Measured on cached targets: 98 %
+    forgotten, 6 % of paraphrases, 80 % of neighbours, perplexity +2.9 %; ~11 min here."""
+    facts = FACTS[:50]
+    out, res = unlearn(smollm2, facts, tmp_path, multi=True)
+    assert res.layers == [6, 7, 8, 9, 10] and "multi_swap_weight" in res.pinned
+    check_quality(scores(smollm2, facts), scores(out, facts), 50)
+
+
+@pytest.mark.xfail(run=False, reason="not met by the closed form: with 50 facts it forgets 98 % (paraphrases 0 %) "
+                   "but keeps only 58.3 % of neighbours at perplexity +6.8 %, in ~8 min on 2 cores (bench/quality.py "
+                   "--n 50; docs/method.md; swap_weight 10: 76.7 % at +4.7 %, 86 % forgotten); --multi meets them")
+def test_smollm2_closed_form_50_facts_design_targets(smollm2, tmp_path):
     facts = FACTS[:50]
     out, _ = unlearn(smollm2, facts, tmp_path)
-    after, base = scores(out, facts), scores(smollm2, facts)
-    rate = lambda xs: sum(xs) / len(xs)
-    assert rate(after["eff"]) <= 0.10 and rate(after["gen"]) <= 0.40
-    assert rate(after["spe"]) / rate(base["spe"]) >= 0.75 and after["ppl"] / base["ppl"] <= 1.03
+    check_quality(scores(smollm2, facts), scores(out, facts), 50)
 
 
 def test_smollm2_bf16_sharded_quality(smollm2_bf16, tmp_path):
@@ -139,15 +147,16 @@ def test_smollm2_bf16_sharded_quality(smollm2_bf16, tmp_path):
     check_quality(scores(smollm2_bf16, facts), scores(out, facts), 10)
 
 
-@pytest.mark.xfail(run=False, reason="not met yet (docs/method.md, 'Which layers'): at SmolLM2's default "
-                   "layers 8-10 --multi gradient forgets 100 % (paraphrases 0 % recalled) but keeps 17.8 % of "
-                   "neighbours at perplexity +24.2 % (at 17-19: 95.6 %, 15 %, x2.29). ~25 min here")
+@pytest.mark.xfail(run=False, reason="not met yet (docs/method.md, '--multi on SmolLM2-135M'): with the "
+                   "pinned settings (layers 6-10, exact, soft null space, keep-sets) 159 facts at once: 93.1 % "
+                   "forgotten, 13.2 % of paraphrases, 53.7 % of neighbours, perplexity +8.3 % (cached targets). "
+                   "~28 min here")
 def test_smollm2_multi_all_dev_facts(smollm2, tmp_path):
-    """--multi (default solver: gradient) with all 159 dev facts at once, measured on the written
+    """--multi (SmolLM2's pinned settings) with all 159 dev facts at once, measured on the written
     checkpoint; issue targets: >= 90 % forgotten, paraphrases <= 40 %, neighbours >= 70 % of base,
     perplexity <= +5 %."""
     out, res = unlearn(smollm2, FACTS, tmp_path, multi=True)
-    assert len(FACTS) == 159 and all(u["null_dim"] > 0 and u["steps"] for u in res.updates)
+    assert len(FACTS) == 159 and all(u["null_dim"] > 0 for u in res.updates)
     after, base = scores(out, FACTS), scores(smollm2, FACTS)
     rate = lambda xs: sum(xs) / len(xs)
     report = {"recalled": rate(after["eff"]), "para": rate(after["gen"]),

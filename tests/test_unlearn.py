@@ -197,6 +197,41 @@ def test_retain_shrinks_the_multi_null_space(tiny_models, tmp_path):
     assert 0 < dims[1] < dims[0], dims
 
 
+def test_multi_takes_a_known_models_pinned_settings(tiny_models, tmp_path, monkeypatch):
+    """A known model's --multi entry sets the window and the settings the user did not; the manifest
+    and the JSON output say which; an explicit --solver or --layers wins; the closed form ignores it."""
+    import dataclasses
+
+    from zu_cli import arch
+
+    real = arch._load_all
+    pins = {"layers": [1, 2], "hyper": {"solver": "exact", "multi_general_weight": 10.0}}
+    monkeypatch.setattr(arch, "_load_all", lambda: [dataclasses.replace(s, known_multi={"3x64": pins})
+                                                    if s.name == "llama" else s for s in real()])
+    req = _requests(tmp_path, [{"id": "a", "prompt": "The quick brown fox jumps", "subject": "brown fox",
+                                "target": "over"}])
+    (tmp_path / "fast.yaml").write_text(FAST + "null_threshold: 1.0e-3\nmulti_steps: 5\n")
+    base = ["unlearn", "--model", str(tiny_models["llama"]), "--forget", str(req), "--config",
+            str(tmp_path / "fast.yaml"), "--device-map", "cpu", "--json"]
+
+    def edit(name, *extra):
+        res = runner.invoke(app, base + ["--out", str(tmp_path / name), *extra])
+        assert res.exit_code == 0, res.output
+        doc = json.loads((tmp_path / name / "zu-manifest.json").read_text())["predicate"]["edit"]
+        return doc, json.loads(res.stdout)["pinned_by_model"]
+
+    doc, shown = edit("pinned", "--multi")
+    assert doc["layers"] == [1, 2] and doc["variant"] == "multi-exact"
+    assert doc["hyperparameters"]["multi_general_weight"] == 10.0
+    assert doc["pinned_by_model"] == shown == ["multi_general_weight", "solver"]
+    doc, _ = edit("user", "--multi", "--solver", "gradient")
+    assert doc["variant"] == "multi-gradient" and doc["pinned_by_model"] == ["multi_general_weight"]
+    doc, _ = edit("other-window", "--multi", "--layers", "1")
+    assert doc["pinned_by_model"] == [] and doc["hyperparameters"]["multi_general_weight"] == 0.0
+    doc, _ = edit("closed")
+    assert doc["layers"] != [1, 2] and doc["pinned_by_model"] == [] and doc["variant"] == "closed-form"
+
+
 def test_keep_moments_skip_the_first_token(tiny_models):
     """Keep statistics leave each prompt's first token (the attention sink) out; a prompt of one
     token then adds nothing, and never a division by zero."""

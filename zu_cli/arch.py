@@ -31,6 +31,9 @@ class ArchSpec:
         known: mapping of a model signature ("layers x hidden") to a pinned layer list.
         known_sensitive: for some of those signatures, the sensitive-vector kind measured best
             with the pinned window (``Hyper.sensitive``); used only when that window is edited.
+        known_multi: for some signatures, what was measured best for --multi: its own window
+            (``layers``) and hyperparameters (``hyper``, Hyper fields), used only when that
+            window is edited and never over a value the user set.
     """
 
     name: str
@@ -47,6 +50,7 @@ class ArchSpec:
     default_window: tuple[float, float]
     known: dict[str, tuple[int, ...]]
     known_sensitive: dict[str, str]
+    known_multi: dict[str, dict[str, Any]]
 
     def down_proj_module(self, layer: int) -> str:
         """Module name of layer ``layer``'s down-projection, e.g. ``model.layers.17.mlp.down_proj``."""
@@ -74,18 +78,35 @@ class ArchSpec:
         sig = f"{num_layers}x{hidden}"
         return self.known_sensitive.get(sig) if list(self.known.get(sig, ())) == list(layers) else None
 
-    def default_layers(self, num_layers: int, hidden: int, width: int = 3) -> list[int]:
+    def pinned_multi(self, num_layers: int, hidden: int, layers: list[int]) -> dict[str, Any]:
+        """The --multi hyperparameters a known model's entry pins for its --multi window, or {}.
+
+        Args:
+            num_layers, hidden: the model's signature.
+            layers: the layers being edited; another window gets {} (measured for that one only).
+
+        Returns:
+            Hyper field -> value.
+        """
+        entry = self.known_multi.get(f"{num_layers}x{hidden}", {})
+        return dict(entry.get("hyper", {})) if list(entry.get("layers", ())) == list(layers) else {}
+
+    def default_layers(self, num_layers: int, hidden: int, width: int = 3, multi: bool = False) -> list[int]:
         """The default edit window for a model of this family.
 
         Args:
             num_layers: number of decoder layers.
             hidden: model width (part of the known-model signature).
             width: number of consecutive layers.
+            multi: the window for --multi (a known model may pin its own).
 
         Returns:
             Layer indices, ascending.
         """
-        pinned = self.known.get(f"{num_layers}x{hidden}")
+        sig = f"{num_layers}x{hidden}"
+        if multi and self.known_multi.get(sig, {}).get("layers"):
+            return list(self.known_multi[sig]["layers"])
+        pinned = self.known.get(sig)
         if pinned:
             return list(pinned)
         # Relative depth of the reference's Llama-3.2-3B window (16-18 of 28 layers), keeping at
@@ -110,7 +131,8 @@ def _load_all() -> list[ArchSpec]:
             bias=bool(raw.get("bias", False)), num_layers_key=raw["num_layers_key"], final_norm=raw["final_norm"],
             lm_head=raw["lm_head"], embed=raw["embed"], default_window=tuple(raw["default_window"]),
             known={k: tuple(v["layers"] if isinstance(v, dict) else v) for k, v in known.items()},
-            known_sensitive={k: v["sensitive"] for k, v in known.items() if isinstance(v, dict) and "sensitive" in v}))
+            known_sensitive={k: v["sensitive"] for k, v in known.items() if isinstance(v, dict) and "sensitive" in v},
+            known_multi={k: v["multi"] for k, v in known.items() if isinstance(v, dict) and "multi" in v}))
     return specs
 
 
@@ -160,14 +182,14 @@ def hidden_size(config: Any) -> int:
     return int(getattr(_text_config(config), "hidden_size", 0) or 0)
 
 
-def resolve_layers(text: str | None, spec, config, n_layers: int) -> tuple[list[int], str]:
-    """``--layers 17,18,19`` or the architecture's default window.
+def resolve_layers(text: str | None, spec, config, n_layers: int, multi: bool = False) -> tuple[list[int], str]:
+    """``--layers 17,18,19`` or the architecture's default window (for --multi when ``multi``).
 
     Raises:
         UsageError: malformed list or a layer outside the model (exit 2).
     """
     if not text:
-        return spec.default_layers(n_layers, hidden_size(config)), "architecture default"
+        return spec.default_layers(n_layers, hidden_size(config), multi=multi), "architecture default"
     try:
         layers = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError as exc:

@@ -53,6 +53,8 @@ class Hyper:
     E||dW k||^2 over general keys (zu's soft null space; 0 is the reference's loss).
     Guards: ``max_rel_change`` bounds ||dW||/||W|| per layer, ``max_cond`` the condition number.
     ``rounding``: how an edited tensor is cast back to a low-precision checkpoint dtype.
+    ``explicit`` (not a hyperparameter): the fields the user set (``--config``, CLI flags), which
+    a known model's pinned values never replace (``with_pins``).
     """
 
     n_prefixes: int = 5
@@ -97,6 +99,7 @@ class Hyper:
     max_cond: float = 1e12
     rounding: str = "stochastic"
     seed: int = 0
+    explicit: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     def sensitive_kind(self, multi: bool, pinned: str | None = None) -> str:
         """``sensitive`` with ``auto`` resolved.
@@ -115,7 +118,19 @@ class Hyper:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved values, for the manifest."""
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "explicit"}
+
+    def with_pins(self, pins: dict[str, Any]) -> tuple["Hyper", list[str]]:
+        """Apply a known model's pinned values (``ArchSpec.pinned_multi``) where the user set nothing.
+
+        Args:
+            pins: Hyper field -> value, from the architecture data.
+
+        Returns:
+            (the resolved Hyper, the names of the fields the pins set, sorted).
+        """
+        applied = {k: v for k, v in pins.items() if k not in self.explicit}
+        return dataclasses.replace(self, **applied), sorted(applied)
 
 
 def load_config(path: Path | None, **overrides: Any) -> Hyper:
@@ -143,7 +158,7 @@ def load_config(path: Path | None, **overrides: Any) -> Hyper:
             raise InputFileError(f"{path}: config must be a mapping of hyperparameter names to values")
         values.update(raw)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    fields = {f.name: f for f in dataclasses.fields(Hyper)}
+    fields = {f.name: f for f in dataclasses.fields(Hyper) if f.name != "explicit"}
     for key, val in values.items():
         if key not in fields:
             raise InputFileError(f"{path or 'config'}: unknown key {key!r}",
@@ -166,4 +181,4 @@ def load_config(path: Path | None, **overrides: Any) -> Hyper:
                           ("swap_texts", lambda v: v > 0, "> 0")):
         if key in values and not ok(values[key]):
             raise InputFileError(f"{path or 'config'}: field {key!r} must be {what}, got {values[key]!r}")
-    return Hyper(**values)
+    return Hyper(**values, explicit=frozenset(values))

@@ -47,6 +47,7 @@ class UnlearnResult:
     timings: dict[str, float] = field(default_factory=dict)
     receipt: Path | None = None
     keyid: str = ""
+    pinned: list[str] = field(default_factory=list)  # settings a known model's architecture entry pinned
 
 
 def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
@@ -80,7 +81,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     spec = ckpt.spec
     n_layers = num_layers(spec, ckpt.config)
     auto = (opts.layers or "").strip().lower() == "auto"
-    layers, how = resolve_layers(None if auto else opts.layers, spec, ckpt.config, n_layers)
+    layers, how = resolve_layers(None if auto else opts.layers, spec, ckpt.config, n_layers, multi=opts.multi)
     model, tok = load_model(ckpt, opts.device_map, opts.max_memory, opts.offload_dir, opts.dtype)
     targets_neutral = neutral_ids(tok, requests, opts.neutral)
     source_digests = manifest.dir_digests(ckpt.path)
@@ -95,6 +96,9 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
         located = {"effect": [round(e, 5) for e in scores.effect], "window": scores.window,
                    "settings": asdict(st), "requests_traced": len(scores.requests)}
     sens_kind = hp.sensitive_kind(opts.multi, spec.pinned_sensitive(n_layers, hidden_size(ckpt.config), layers))
+    pinned: list[str] = []
+    if opts.multi:  # what was measured best for this model's --multi window, where the user set nothing
+        hp, pinned = hp.with_pins(spec.pinned_multi(n_layers, hidden_size(ckpt.config), layers))
     raw, weights, biases = {}, {}, {}
     for l in layers:
         raw[l] = ckpt.read_tensor(spec.down_proj_weight(l))  # as stored: hashed for the manifest
@@ -142,6 +146,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
         "source": {"path_name": ckpt.path.name, "files": source_digests},
         "edit": {"variant": f"multi-{hp.solver}" if opts.multi else "closed-form", "layers": layers,
                  "layers_chosen_by": how, "neutral": opts.neutral, "hyperparameters": hp.to_dict(),
+                 "pinned_by_model": pinned,
                  "sensitive": sens_kind, "seed": hp.seed, "context_templates": len(templates),
                  "stats_corpus": {"source": "file" if opts.stats_corpus else "model-samples",
                                   "digest": corpus_digest},
@@ -165,7 +170,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     return UnlearnResult(out=opts.out, layers=layers, layers_how=how,
                          updates=[{"layer": u.layer, "name": u.name, "rel_change": u.rel_change, **u.info} for u in ups],
                          requests=per_req, timings={k: round(v, 2) for k, v in t.items()}, receipt=receipt,
-                         keyid=key.keyid)
+                         keyid=key.keyid, pinned=pinned)
 
 
 @dataclass

@@ -15,7 +15,7 @@ def render_unlearn(res, out: Output) -> None:
     """Show an UnlearnResult."""
     doc: dict[str, Any] = {"out": str(res.out), "receipt": str(res.receipt), "layers": res.layers,
                            "layers_chosen_by": res.layers_how, "updates": res.updates, "requests": res.requests,
-                           "timings_s": res.timings}
+                           "pinned_by_model": res.pinned, "timings_s": res.timings}
     if out.json_mode:
         out.emit_json(doc)
         return
@@ -31,6 +31,9 @@ def render_unlearn(res, out: Output) -> None:
     forgotten = sum(not r["recalled_after"] for r in res.requests)
     out.err.print(f"[bold]{forgotten}/{len(res.requests)} forgotten[/bold]; layers {res.layers} "
                   f"({res.layers_how}); manifest in {res.out}/zu-manifest.json; receipt {res.receipt}")
+    if res.pinned:
+        out.err.print(f"settings measured for this model (docs/method.md): {', '.join(res.pinned)}; "
+                      "set them in --config to override")
     out.err.print("timings (s): " + ", ".join(f"{k} {v}" for k, v in res.timings.items()))
 
 
