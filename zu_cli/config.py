@@ -43,7 +43,8 @@ class Hyper:
     the model writes (``swap_texts`` texts sampled from the same seeds) stands in for unlisted
     neighbours; its second moments join G with ``swap_weight`` per token (closed form) and
     E[k k^T] with ``multi_swap_weight`` (--multi); both off by default (they weaken the re-mapping
-    to EOS, docs/method.md), not computed when the variant's weight is 0.
+    to EOS, docs/method.md; SmolLM2-135M's architecture entry pins the --multi one at 1), not
+    computed when the variant's weight is 0.
     Statistics (§2.6): ``stats_samples`` texts of ``stats_len`` tokens sampled from the model
     when no corpus is given (``stats_max_tokens`` caps any corpus).
     --multi (§2.8): eigenvalues of E[k k^T] below ``null_threshold`` span the null space;
