@@ -218,7 +218,9 @@ def test_multi_takes_a_known_models_pinned_settings(tiny_models, tmp_path, monke
         res = runner.invoke(app, base + ["--out", str(tmp_path / name), *extra])
         assert res.exit_code == 0, res.output
         doc = json.loads((tmp_path / name / "zu-manifest.json").read_text())["predicate"]["edit"]
-        return doc, json.loads(res.stdout)["pinned_by_model"]
+        shown = json.loads(res.stdout)
+        assert shown["variant"] == doc["variant"] and shown["layers"] == doc["layers"]
+        return doc, shown["pinned_by_model"]
 
     doc, shown = edit("pinned", "--multi")
     assert doc["layers"] == [1, 2] and doc["variant"] == "multi-exact"

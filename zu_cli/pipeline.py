@@ -48,6 +48,7 @@ class UnlearnResult:
     receipt: Path | None = None
     keyid: str = ""
     pinned: list[str] = field(default_factory=list)  # settings a known model's architecture entry pinned
+    variant: str = "closed-form"  # or multi-gradient / multi-exact, as the manifest's edit.variant
 
 
 def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
@@ -135,6 +136,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     t["solve"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    variant = f"multi-{hp.solver}" if opts.multi else "closed-form"
     edited = {u.name: (u.new.T if spec.transposed else u.new).to(raw[u.layer].dtype) for u in ups}
     salt = manifest.new_salt()
     commits = manifest.commitments(requests, salt)
@@ -144,7 +146,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     predicate = {
         "versions": manifest.versions(),
         "source": {"path_name": ckpt.path.name, "files": source_digests},
-        "edit": {"variant": f"multi-{hp.solver}" if opts.multi else "closed-form", "layers": layers,
+        "edit": {"variant": variant, "layers": layers,
                  "layers_chosen_by": how, "neutral": opts.neutral, "hyperparameters": hp.to_dict(),
                  "pinned_by_model": pinned,
                  "sensitive": sens_kind, "seed": hp.seed, "context_templates": len(templates),
@@ -170,7 +172,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     return UnlearnResult(out=opts.out, layers=layers, layers_how=how,
                          updates=[{"layer": u.layer, "name": u.name, "rel_change": u.rel_change, **u.info} for u in ups],
                          requests=per_req, timings={k: round(v, 2) for k, v in t.items()}, receipt=receipt,
-                         keyid=key.keyid, pinned=pinned)
+                         keyid=key.keyid, pinned=pinned, variant=variant)
 
 
 @dataclass

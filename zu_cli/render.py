@@ -13,9 +13,9 @@ from .console import Output
 
 def render_unlearn(res, out: Output) -> None:
     """Show an UnlearnResult."""
-    doc: dict[str, Any] = {"out": str(res.out), "receipt": str(res.receipt), "layers": res.layers,
-                           "layers_chosen_by": res.layers_how, "updates": res.updates, "requests": res.requests,
-                           "pinned_by_model": res.pinned, "timings_s": res.timings}
+    doc: dict[str, Any] = {"out": str(res.out), "receipt": str(res.receipt), "variant": res.variant,
+                           "layers": res.layers, "layers_chosen_by": res.layers_how, "updates": res.updates,
+                           "requests": res.requests, "pinned_by_model": res.pinned, "timings_s": res.timings}
     if out.json_mode:
         out.emit_json(doc)
         return
