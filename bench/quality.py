@@ -102,7 +102,8 @@ def main() -> int:
         if a.base_metrics:
             Path(a.base_metrics).write_text(json.dumps(cache))
     base = cache[key]
-    doc = {"n": a.n, "variant": res.variant, "layers": res.layers, "overrides": over, "pinned_by_model": res.pinned, "retain_rest": a.retain_rest, "seconds": round(elapsed, 1), "timings": res.timings,
+    doc = {"n": a.n, "variant": res.variant, "layers": res.layers, "overrides": over, "pinned_by_model": res.pinned,
+           "retain_rest": a.retain_rest, "seconds": round(elapsed, 1), "timings": res.timings,
            "base": base, "after": after,
            "Spe_retained": round(after["Spe"] / base["Spe"], 3) if base["Spe"] else None,
            "PPL_ratio": round(after["PPL"] / base["PPL"], 4),

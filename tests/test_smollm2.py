@@ -122,8 +122,8 @@ def test_subject_that_is_the_prompts_first_token(smollm2, tmp_path):
 def test_smollm2_multi_50_facts_design_targets(smollm2, tmp_path):
     """Issue 3's 50-fact targets, met by ``zu unlearn --multi`` with the settings SmolLM2's
     architecture entry pins (layers 6-10, exact solve, soft null space, entity and subject-swap
-    keep-sets; docs/method.md, "--multi on SmolLM2-135M"). Measured on cached targets: 98 %
-    forgotten, 6 % of paraphrases, 80 % of neighbours, perplexity +2.9 %; ~11 min here."""
+    keep-sets; docs/method.md, "--multi on SmolLM2-135M"). Measured with bench/quality.py on the
+    same facts: 98 % forgotten, 6 % of paraphrases, 80 % of neighbours, perplexity +2.85 %; ~10 min here."""
     facts = FACTS[:50]
     out, res = unlearn(smollm2, facts, tmp_path, multi=True)
     assert res.layers == [6, 7, 8, 9, 10] and "multi_swap_weight" in res.pinned
