@@ -96,10 +96,10 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
         layers, how = scores.window, "auto (causal tracing)"
         located = {"effect": [round(e, 5) for e in scores.effect], "window": scores.window,
                    "settings": asdict(st), "requests_traced": len(scores.requests)}
-    sens_kind = hp.sensitive_kind(opts.multi, spec.pinned_sensitive(n_layers, hidden_size(ckpt.config), layers))
     pinned: list[str] = []
     if opts.multi:  # what was measured best for this model's --multi window, where the user set nothing
         hp, pinned = hp.with_pins(spec.pinned_multi(n_layers, hidden_size(ckpt.config), layers))
+    sens_kind = hp.sensitive_kind(opts.multi, spec.pinned_sensitive(n_layers, hidden_size(ckpt.config), layers))
     raw, weights, biases = {}, {}, {}
     for l in layers:
         raw[l] = ckpt.read_tensor(spec.down_proj_weight(l))  # as stored: hashed for the manifest
