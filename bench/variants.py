@@ -2,8 +2,12 @@
 
     python bench/variants.py --model DIR [--sizes 10,50,159] [--set k=v ...] [--out FILE]
 
-For each size the neutral targets, sensitive vectors and statistics are computed once (they do
-not depend on the solver) and each solver then edits the layers; quality (Eff/Gen/Spe/PPL on the
+Each variant runs as ``zu unlearn`` would run it on this model: its default window (``--multi``
+may have its own), a known model's pinned sensitive kind and, for ``--multi``, its pinned
+settings (``--solver`` stays the variant's). For each size the neutral targets and sensitive
+vectors are computed once, over the union of the windows (they must end at the same layer; the
+targets do not depend on the solver), and each variant then takes its statistics and edits its
+layers; quality (Eff/Gen/Spe/PPL on the
 requests' unseen paraphrases and neighbours) is measured on the edited weights in memory, which
 for an fp32 checkpoint are bit for bit what ``zu unlearn`` writes. Prints one JSON document.
 """
@@ -46,9 +50,21 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model_dir)
     spec = ckpt.spec
-    n_layers = num_layers(spec, ckpt.config)
-    layers, _ = resolve_layers(None, spec, ckpt.config, n_layers)
-    pinned = spec.pinned_sensitive(n_layers, hidden_size(ckpt.config), layers)
+    n_layers, hidden = num_layers(spec, ckpt.config), hidden_size(ckpt.config)
+    # Each variant gets what `zu unlearn` (with or without --multi) would give it: its default
+    # window, a known model's pinned sensitive kind and, for --multi, its pinned settings.
+    plan = {}
+    for v in variants:
+        multi = v != "closed-form"
+        lay, _ = resolve_layers(None, spec, ckpt.config, n_layers, multi=multi)
+        vhp = hp
+        if multi:  # as `zu unlearn --multi --solver ...`: the solver is the user's, the rest may be pinned
+            vhp = dataclasses.replace(hp, solver=v.split("-")[1], explicit=hp.explicit | {"solver"})
+        vhp, pins = vhp.with_pins(spec.pinned_multi(n_layers, hidden, lay)) if multi else (vhp, [])
+        plan[v] = (lay, vhp, pins, vhp.sensitive_kind(multi, spec.pinned_sensitive(n_layers, hidden, lay)))
+    if len({lay[-1] for lay, *_ in plan.values()}) != 1:
+        raise SystemExit("variants whose windows end at different layers need separate targets; run them apart")
+    layers = sorted({l for lay, *_ in plan.values() for l in lay})  # targets for the union of the windows
     model, tok = load_model(ckpt, device_map="cpu", dtype="float32")
     with tempfile.TemporaryDirectory() as tmp:
         req = Path(tmp) / "req.jsonl"
@@ -62,8 +78,7 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
     shared = {"load_and_base_probes": time.perf_counter() - t0}
     t0 = time.perf_counter()
     templates = edit.context_templates(model, tok, hp)
-    # The closed form's default sensitive vectors may need the push; --multi's ("output") come free.
-    kinds = {v: hp.sensitive_kind(v != "closed-form", pinned) for v in variants}
+    kinds = {v: p[3] for v, p in plan.items()}
     cached = None
     if cache is not None:  # the targets do not depend on the solver: reuse them across runs
         import hashlib
@@ -73,7 +88,8 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
         # Only what the targets stage reads: solver settings can change without recomputing them.
         stage = {k: v for k, v in hp.to_dict().items()
                  if k.startswith(("z_", "sens", "n_prefixes", "prefix_len", "optim_dtype", "seed"))}
-        key = hashlib.sha256(json.dumps([str(model_dir), [f["id"] for f in facts], stage, sorted(set(kinds.values()))],
+        key = hashlib.sha256(json.dumps([str(model_dir), [f["id"] for f in facts], layers, stage,
+                                         sorted(set(kinds.values()))],
                                         sort_keys=True, default=str).encode()).hexdigest()[:16]
         path = cache / f"targets-{key}.pt"
         cached = torch.load(path) if path.exists() else None
@@ -81,6 +97,7 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
         z, z_prob, sens = cached[:3]
         shared["targets_cached_from_s"] = cached[3] if len(cached) > 3 else None
     else:
+        # The closed form's default sensitive vectors may need the push; "output" ones come free.
         first = next((k for k in kinds.values() if k != "output"), "output")
         z, z_prob, sens0 = edit.edit_targets(model, tok, spec, requests, layers, templates,
                                              neutral_ids(tok, requests, "eos"), hp, first, out)
@@ -91,31 +108,33 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
             cache.mkdir(parents=True, exist_ok=True)
             torch.save((z, z_prob, sens, round(time.perf_counter() - t0, 1)), path)
     shared["targets"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    g, kk, _ = solve_moments(model, tok, spec, layers, biases, hp, None, sha256_file_list(dir_digests(ckpt.path)),
-                             [], out, keys=True, requests=requests)
-    shared["statistics"] = time.perf_counter() - t0
+    source = sha256_file_list(dir_digests(ckpt.path))
     rows = {}
-    for v in variants:
-        vhp = dataclasses.replace(hp, solver=v.split("-")[1]) if v != "closed-form" else hp
-        solver = update.closed_form_solver(g, vhp) if v == "closed-form" else update.multi_solver(kk, vhp)
+    for v, (lay, vhp, pins, kind) in plan.items():
+        t0 = time.perf_counter()
+        multi = v != "closed-form"
+        g, kk, _ = solve_moments(model, tok, spec, lay, biases, vhp, None, source, [], out, keys=multi,
+                                 closed=not multi, requests=requests)
+        stats_s = time.perf_counter() - t0
+        solver = update.multi_solver(kk, vhp) if multi else update.closed_form_solver(g, vhp)
         t0 = time.perf_counter()
         try:
-            ups = update.edit_layers(model, tok, spec, requests, layers, weights, biases, z, sens[kinds[v]],
-                                     templates, vhp, solver, out)
+            ups = update.edit_layers(model, tok, spec, requests, lay, {l: weights[l] for l in lay}, biases, z,
+                                     sens[kind], templates, vhp, solver, out)
         except NumericalError as exc:  # a variant that cannot take this many requests: record it (exit 5 in zu)
-            rows[v] = {"error": exc.message, "solve_s": round(time.perf_counter() - t0, 1)}
+            rows[v] = {"layers": lay, "pinned": pins, "error": exc.message, "solve_s": round(time.perf_counter() - t0, 1)}
             continue
         solve_s = time.perf_counter() - t0
         with update.applied(model, spec, {u.layer: u.new for u in ups}, biases):
             after = quality(model, tok, facts, text)
-        rows[v] = {**after, "sensitive": kinds[v], "Spe_retained": round(after["Spe"] / base["Spe"], 3) if base["Spe"] else None,
-                   "PPL_ratio": round(after["PPL"] / base["PPL"], 4), "solve_s": round(solve_s, 1),
-                   "total_s": round(solve_s + shared["targets"] + shared["statistics"], 1),
+        rows[v] = {**after, "layers": lay, "pinned": pins, "sensitive": kind,
+                   "Spe_retained": round(after["Spe"] / base["Spe"], 3) if base["Spe"] else None,
+                   "PPL_ratio": round(after["PPL"] / base["PPL"], 4), "statistics_s": round(stats_s, 1),
+                   "solve_s": round(solve_s, 1), "total_s": round(solve_s + shared["targets"] + stats_s, 1),
                    "rel_change": [round(u.rel_change, 4) for u in ups],
                    "solver": [{k: (round(x, 4) if isinstance(x, float) else x) for k, x in u.info.items()}
                               for u in ups]}
-    return {"n": len(facts), "layers": layers, "base": base, "neutral_prob_min": round(float(z_prob.min()), 3),
+    return {"n": len(facts), "target_layers": layers, "base": base, "neutral_prob_min": round(float(z_prob.min()), 3),
             "shared_s": {k: x if x is None else round(x, 1) for k, x in shared.items()}, "variants": rows,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
