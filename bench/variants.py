@@ -7,9 +7,9 @@ may have its own), a known model's pinned sensitive kind and, for ``--multi``, i
 settings (``--solver`` stays the variant's). For each size the neutral targets and sensitive
 vectors are computed once, over the union of the windows (they must end at the same layer; the
 targets do not depend on the solver), and each variant then takes its statistics and edits its
-layers; quality (Eff/Gen/Spe/PPL on the
-requests' unseen paraphrases and neighbours) is measured on the edited weights in memory, which
-for an fp32 checkpoint are bit for bit what ``zu unlearn`` writes. Prints one JSON document.
+layers; quality (Eff/Gen/Spe/PPL on the requests' unseen paraphrases and neighbours) is measured
+on the edited weights in memory, which for an fp32 checkpoint are bit for bit what ``zu unlearn``
+writes. Prints one JSON document.
 """
 
 from __future__ import annotations
@@ -109,12 +109,17 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
             torch.save((z, z_prob, sens, round(time.perf_counter() - t0, 1)), path)
     shared["targets"] = time.perf_counter() - t0
     source = sha256_file_list(dir_digests(ckpt.path))
-    rows = {}
+    rows, moments = {}, {}
     for v, (lay, vhp, pins, kind) in plan.items():
         t0 = time.perf_counter()
         multi = v != "closed-form"
-        g, kk, _ = solve_moments(model, tok, spec, lay, biases, vhp, None, source, [], out, keys=multi,
-                                 closed=not multi, requests=requests)
+        # gradient and exact share window and settings but the solver: their statistics once
+        mkey = (tuple(lay), multi,
+                json.dumps(dataclasses.replace(vhp, solver="-").to_dict(), sort_keys=True, default=str))
+        if mkey not in moments:
+            moments[mkey] = solve_moments(model, tok, spec, lay, biases, vhp, None, source, [], out, keys=multi,
+                                          closed=not multi, requests=requests)
+        g, kk, _ = moments[mkey]
         stats_s = time.perf_counter() - t0
         solver = update.multi_solver(kk, vhp) if multi else update.closed_form_solver(g, vhp)
         t0 = time.perf_counter()
@@ -122,7 +127,8 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
             ups = update.edit_layers(model, tok, spec, requests, lay, {l: weights[l] for l in lay}, biases, z,
                                      sens[kind], templates, vhp, solver, out)
         except NumericalError as exc:  # a variant that cannot take this many requests: record it (exit 5 in zu)
-            rows[v] = {"layers": lay, "pinned": pins, "error": exc.message, "solve_s": round(time.perf_counter() - t0, 1)}
+            rows[v] = {"layers": lay, "pinned": pins, "error": exc.message,
+                       "solve_s": round(time.perf_counter() - t0, 1)}
             continue
         solve_s = time.perf_counter() - t0
         with update.applied(model, spec, {u.layer: u.new for u in ups}, biases):
