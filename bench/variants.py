@@ -37,7 +37,7 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
     import dataclasses
 
     from zu_cli import edit, update
-    from zu_cli.arch import hidden_size, num_layers, resolve_layers
+    from zu_cli.arch import known_settings, num_layers, resolve_layers
     from zu_cli.checkpoint import load_model, open_checkpoint
     from zu_cli.console import silent
     from zu_cli.errors import NumericalError
@@ -50,7 +50,7 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model_dir)
     spec = ckpt.spec
-    n_layers, hidden = num_layers(spec, ckpt.config), hidden_size(ckpt.config)
+    n_layers = num_layers(spec, ckpt.config)
     # Each variant gets what `zu unlearn` (with or without --multi) would give it: its default
     # window, a known model's pinned sensitive kind and, for --multi, its pinned settings.
     plan = {}
@@ -60,8 +60,7 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
         vhp = hp
         if multi:  # as `zu unlearn --multi --solver ...`: the solver is the user's, the rest may be pinned
             vhp = dataclasses.replace(hp, solver=v.split("-")[1], explicit=hp.explicit | {"solver"})
-        vhp, pins = vhp.with_pins(spec.pinned_multi(n_layers, hidden, lay)) if multi else (vhp, [])
-        plan[v] = (lay, vhp, pins, vhp.sensitive_kind(multi, spec.pinned_sensitive(n_layers, hidden, lay)))
+        plan[v] = (lay, *known_settings(spec, ckpt.config, n_layers, lay, vhp, multi))
     if len({lay[-1] for lay, *_ in plan.values()}) != 1:
         raise SystemExit("variants whose windows end at different layers need separate targets; run them apart")
     layers = sorted({l for lay, *_ in plan.values() for l in lay})  # targets for the union of the windows

@@ -182,6 +182,24 @@ def hidden_size(config: Any) -> int:
     return int(getattr(_text_config(config), "hidden_size", 0) or 0)
 
 
+def known_settings(spec, config, n_layers: int, layers: list[int], hp, multi: bool) -> tuple[Any, list[str], str]:
+    """What a known model's entry sets for the window being edited: --multi's pinned
+    hyperparameters (where the user set nothing) and the sensitive-vector kind.
+
+    Args:
+        hp: the user's Hyper (its ``explicit`` fields are never replaced).
+        multi: the --multi variant (only it takes ``pinned_multi``).
+
+    Returns:
+        (resolved Hyper, names of the fields the pins set, sensitive kind).
+    """
+    hidden = hidden_size(config)
+    pinned: list[str] = []
+    if multi:
+        hp, pinned = hp.with_pins(spec.pinned_multi(n_layers, hidden, layers))
+    return hp, pinned, hp.sensitive_kind(multi, spec.pinned_sensitive(n_layers, hidden, layers))
+
+
 def resolve_layers(text: str | None, spec, config, n_layers: int, multi: bool = False) -> tuple[list[int], str]:
     """``--layers 17,18,19`` or the architecture's default window (for --multi when ``multi``).
 

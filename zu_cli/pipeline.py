@@ -61,7 +61,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     import torch
 
     from . import edit, manifest, update
-    from .arch import hidden_size, num_layers, resolve_layers
+    from .arch import known_settings, num_layers, resolve_layers
     from .checkpoint import check_out, load_model, open_checkpoint, write_checkpoint
     from .keys import load_signing_key
     from .requests import load_requests
@@ -96,10 +96,8 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
         layers, how = scores.window, "auto (causal tracing)"
         located = {"effect": [round(e, 5) for e in scores.effect], "window": scores.window,
                    "settings": asdict(st), "requests_traced": len(scores.requests)}
-    pinned: list[str] = []
-    if opts.multi:  # what was measured best for this model's --multi window, where the user set nothing
-        hp, pinned = hp.with_pins(spec.pinned_multi(n_layers, hidden_size(ckpt.config), layers))
-    sens_kind = hp.sensitive_kind(opts.multi, spec.pinned_sensitive(n_layers, hidden_size(ckpt.config), layers))
+    # what was measured best for this model's window, where the user set nothing
+    hp, pinned, sens_kind = known_settings(spec, ckpt.config, n_layers, layers, hp, opts.multi)
     raw, weights, biases = {}, {}, {}
     for l in layers:
         raw[l] = ckpt.read_tensor(spec.down_proj_weight(l))  # as stored: hashed for the manifest
