@@ -1,6 +1,6 @@
 """Closed form vs --multi (gradient and exact) on the same requests, side by side.
 
-    python bench/variants.py --model DIR [--sizes 10,50,159] [--set k=v ...] [--out FILE]
+    python bench/variants.py --model DIR [--sizes 10,50,159] [--set k=v ...] [--out FILE] [--oracle-keep W]
 
 Each variant runs as ``zu unlearn`` would run it on this model: its default window (``--multi``
 may have its own), a known model's pinned sensitive kind and, for ``--multi``, its pinned
@@ -32,8 +32,14 @@ from quality import quality  # noqa: E402  (bench/quality.py: the same Eff/Gen/S
 VARIANTS = ("closed-form", "multi-gradient", "multi-exact")
 
 
-def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[str], cache: Path | None = None) -> dict:
-    """Shared stages once (or from ``cache``), then every variant's solve and quality."""
+def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[str], cache: Path | None = None,
+             oracle_keep: float = 0.0) -> dict:
+    """Shared stages once (or from ``cache``), then every variant's solve and quality.
+
+    ``oracle_keep`` > 0 adds the probed neighbour prompts themselves to the solve's statistics
+    with that weight (as ``--retain`` would): a keep-set no user has, for diagnosis only — it
+    bounds what any stand-in keep-set can do for the neighbours.
+    """
     import dataclasses
 
     from zu_cli import edit, update
@@ -43,7 +49,7 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
     from zu_cli.errors import NumericalError
     from zu_cli.manifest import dir_digests, sha256_file_list
     from zu_cli.requests import load_requests
-    from zu_cli.keep import solve_moments
+    from zu_cli.keep import keep_moments, solve_moments, with_keep
     from zu_cli.text import neutral_ids
 
     out = silent()
@@ -119,6 +125,10 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
             moments[mkey] = solve_moments(model, tok, spec, lay, biases, vhp, None, source, [], out, keys=multi,
                                           closed=not multi, requests=requests)
         g, kk, _ = moments[mkey]
+        if oracle_keep:
+            probed = list(dict.fromkeys(nb["prompt"] for f in facts for nb in f.get("neighbors", [])))
+            g_o, kk_o = keep_moments(model, tok, spec, lay, biases, probed, out, keys=multi)
+            g, kk = with_keep(g, g_o, oracle_keep), with_keep(kk, kk_o, oracle_keep)
         stats_s = time.perf_counter() - t0
         solver = update.multi_solver(kk, vhp) if multi else update.closed_form_solver(g, vhp)
         t0 = time.perf_counter()
@@ -154,6 +164,8 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], help="hyperparameter override k=v (v is JSON)")
     ap.add_argument("--out", help="also write the JSON here")
     ap.add_argument("--targets-cache", help="folder keeping the computed targets, reused by a rerun")
+    ap.add_argument("--oracle-keep", type=float, default=0.0,
+                    help="diagnosis only: the probed neighbour prompts join the statistics with this weight")
     a = ap.parse_args()
 
     from zu_cli.config import load_config
@@ -162,10 +174,10 @@ def main() -> int:
     facts = [json.loads(l) for l in open(a.facts) if l.strip()]
     text = Path(a.text).read_text()
     hp = load_config(None, **{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)})
-    doc = {"model": str(model), "overrides": a.set, "sizes": []}
+    doc = {"model": str(model), "overrides": a.set, "oracle_keep": a.oracle_keep, "sizes": []}
     for n in (int(x) for x in a.sizes.split(",")):
         doc["sizes"].append(run_size(model, facts[:n], text, hp, a.variants.split(","),
-                                      Path(a.targets_cache) if a.targets_cache else None))
+                                      Path(a.targets_cache) if a.targets_cache else None, a.oracle_keep))
         if a.out:
             Path(a.out).write_text(json.dumps(doc, indent=1))
     print(json.dumps(doc, indent=1))

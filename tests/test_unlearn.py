@@ -340,3 +340,20 @@ def test_fact_model_quality_multi(fact_model_dir, fact_config, tmp_path, solver)
     tensors = json.loads((out / "zu-manifest.json").read_text())["predicate"]["tensors"]
     assert all(t["solver"]["null_dim"] > 0 for t in tensors)
     assert all((t["solver"]["steps"] is None) == (solver == "exact") for t in tensors)
+
+
+@pytest.mark.parametrize("count, multi, warned", [(11, False, True), (10, False, False), (11, True, False)])
+def test_closed_form_with_many_requests_points_to_multi(tiny_models, tmp_path, count, multi, warned):
+    """More than ten requests with the closed form: a warning on stderr names --multi (the JSON on
+    stdout stays one document); ten, or --multi, get none. The warning holds no request text."""
+    rows = [{"id": f"r{i}", "prompt": f"The quick brown fox number {i} jumps", "subject": f"fox number {i}",
+             "target": "over"} for i in range(count)]
+    req = _requests(tmp_path, rows)
+    (tmp_path / "fast.yaml").write_text(FAST + "null_threshold: 1.0e-3\nmulti_steps: 5\n")
+    res = runner.invoke(app, ["unlearn", "--model", str(tiny_models["llama"]), "--forget", str(req), "--out",
+                              str(tmp_path / "out"), "--layers", "1", "--config", str(tmp_path / "fast.yaml"),
+                              "--device-map", "cpu", "--json", *(["--multi"] if multi else [])])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout)["requests"]) == count
+    assert ("--multi" in res.stderr) is warned, res.stderr
+    assert "over" not in res.stderr
