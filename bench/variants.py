@@ -115,6 +115,7 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
     shared["targets"] = time.perf_counter() - t0
     source = sha256_file_list(dir_digests(ckpt.path))
     rows, moments = {}, {}
+    probed = list(dict.fromkeys(nb["prompt"] for f in facts for nb in f.get("neighbors", [])))
     for v, (lay, vhp, pins, kind) in plan.items():
         t0 = time.perf_counter()
         multi = v != "closed-form"
@@ -122,13 +123,13 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
         mkey = (tuple(lay), multi,
                 json.dumps(dataclasses.replace(vhp, solver="-").to_dict(), sort_keys=True, default=str))
         if mkey not in moments:
-            moments[mkey] = solve_moments(model, tok, spec, lay, biases, vhp, None, source, [], out, keys=multi,
-                                          closed=not multi, requests=requests)
-        g, kk, _ = moments[mkey]
-        if oracle_keep:
-            probed = list(dict.fromkeys(nb["prompt"] for f in facts for nb in f.get("neighbors", [])))
-            g_o, kk_o = keep_moments(model, tok, spec, lay, biases, probed, out, keys=multi)
-            g, kk = with_keep(g, g_o, oracle_keep), with_keep(kk, kk_o, oracle_keep)
+            g, kk, _ = solve_moments(model, tok, spec, lay, biases, vhp, None, source, [], out, keys=multi,
+                                     closed=not multi, requests=requests)
+            if oracle_keep:  # the probed prompts' forward passes, like the statistics, once per mkey
+                g_o, kk_o = keep_moments(model, tok, spec, lay, biases, probed, out, keys=multi)
+                g, kk = with_keep(g, g_o, oracle_keep), with_keep(kk, kk_o, oracle_keep)
+            moments[mkey] = g, kk
+        g, kk = moments[mkey]
         stats_s = time.perf_counter() - t0
         solver = update.multi_solver(kk, vhp) if multi else update.closed_form_solver(g, vhp)
         t0 = time.perf_counter()
