@@ -87,12 +87,17 @@ def test_interrupted_write_leaves_nothing(tiny_models, tmp_path, monkeypatch):
 
 
 def test_existing_out_refused_then_forced(tiny_models, tmp_path):
+    """--force replaces a previous zu output (it holds a manifest), never a directory of other files."""
     ckpt = open_checkpoint(tiny_models["llama"])
     name = ckpt.spec.down_proj_weight(0)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("x")
     with pytest.raises(UsageError):
         write_checkpoint(ckpt, tmp_path / "out", {name: ckpt.read_tensor(name)})
+    with pytest.raises(UsageError, match="not a zu output"):
+        write_checkpoint(ckpt, tmp_path / "out", {name: ckpt.read_tensor(name)}, force=True)
+    assert (tmp_path / "out" / "old.txt").read_text() == "x"
+    (tmp_path / "out" / "zu-manifest.json").write_text("{}")  # a previous zu output
     write_checkpoint(ckpt, tmp_path / "out", {name: ckpt.read_tensor(name)}, force=True)
     assert not (tmp_path / "out" / "old.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -200,19 +200,43 @@ def known_settings(spec, config, n_layers: int, layers: list[int], hp, multi: bo
     return hp, pinned, hp.sensitive_kind(multi, spec.pinned_sensitive(n_layers, hidden, layers))
 
 
+def parse_layers(text: str | None) -> list[int] | str | None:
+    """``--layers`` syntax, checked before anything is loaded: ``8,9,10``, ``8-10``, ``6-8,10`` or ``auto``.
+
+    Returns:
+        Ascending distinct layer numbers, ``"auto"``, or None when ``text`` is empty (the default window).
+
+    Raises:
+        UsageError: malformed text (exit 2).
+    """
+    if text is None or not text.strip():
+        return None
+    if text.strip().lower() == "auto":
+        return "auto"
+    layers: set[int] = set()
+    for part in (p.strip() for p in text.split(",")):
+        lo, sep, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError as exc:
+            raise UsageError(f"--layers {text!r}: cannot read {part!r}",
+                             hint="layer numbers and ranges, e.g. 8,9,10 or 8-10, or auto") from exc
+        if first < 0 or last < first:
+            raise UsageError(f"--layers {text!r}: {part!r} is not an ascending range of layer numbers")
+        layers.update(range(first, last + 1))
+    return sorted(layers)
+
+
 def resolve_layers(text: str | None, spec, config, n_layers: int, multi: bool = False) -> tuple[list[int], str]:
-    """``--layers 17,18,19`` or the architecture's default window (for --multi when ``multi``).
+    """``--layers 17,18,19`` (or ``17-19``) or the architecture's default window (for --multi when ``multi``).
 
     Raises:
         UsageError: malformed list or a layer outside the model (exit 2).
     """
-    if not text:
+    layers = parse_layers(text)
+    if layers is None or layers == "auto":
         return spec.default_layers(n_layers, hidden_size(config), multi=multi), "architecture default"
-    try:
-        layers = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError as exc:
-        raise UsageError(f"--layers {text!r}: expected comma-separated layer numbers") from exc
     bad = [l for l in layers if not 0 <= l < n_layers]
-    if not layers or bad:
-        raise UsageError(f"--layers: layer {bad[0] if bad else text!r} outside the model (0-{n_layers - 1})")
+    if bad:
+        raise UsageError(f"--layers: layer {bad[0]} outside the model (0-{n_layers - 1})")
     return layers, "--layers"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .arch import ArchSpec, lookup
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, OutputError, UsageError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -28,6 +28,7 @@ class Checkpoint:
         spec: the architecture data.
         weight_map: tensor name -> shard file name.
         disk_dtypes: tensor name -> dtype string as stored (e.g. ``BF16``).
+        hub: ``{"repo_id", "revision"}`` when the checkpoint came from a hub id, else None.
     """
 
     path: Path
@@ -35,6 +36,12 @@ class Checkpoint:
     spec: ArchSpec
     weight_map: dict[str, str]
     disk_dtypes: dict[str, str]
+    hub: dict[str, str] | None = None
+
+    @property
+    def name(self) -> str:
+        """How the user named it: the hub id, or the directory's name."""
+        return self.hub["repo_id"] if self.hub else self.path.name
 
     def shards(self) -> list[str]:
         """Distinct shard file names, sorted."""
@@ -54,11 +61,29 @@ class Checkpoint:
             return f.get_tensor(name)
 
 
+def resolve_path(model: str | Path) -> tuple[Path, dict[str, str] | None]:
+    """The local directory of ``--model``: the path itself, or a hub id's cached snapshot (``hub.resolve``).
+
+    Returns:
+        (directory, ``{"repo_id", "revision"}`` for a hub id, else None).
+
+    Raises:
+        CheckpointError: a hub id that cannot be resolved (exit 3).
+    """
+    from .hub import looks_like_hub_id, resolve
+
+    if looks_like_hub_id(str(model)):
+        return resolve(str(model))
+    return Path(model), None
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Validate a checkpoint directory and read its config, architecture and tensor index.
 
     Args:
-        path: a directory with ``config.json`` and safetensors weights (single file or sharded).
+        path: a directory with ``config.json`` and safetensors weights (single file or sharded),
+            or a Hugging Face Hub id ``org/name[@revision]`` (``hub.resolve``) when no such
+            directory exists.
 
     Returns:
         The Checkpoint.
@@ -70,9 +95,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     from safetensors import safe_open
     from transformers import AutoConfig
 
-    path = Path(path)
+    path, hub = resolve_path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint directory not found")
+        raise CheckpointError(f"{path}: checkpoint directory not found",
+                              hint="a local directory, or a Hugging Face Hub id such as org/name[@revision]")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path / 'config.json'}: missing", hint="a Hugging Face checkpoint directory has a config.json")
     try:
@@ -106,7 +132,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                     disk_dtypes[name] = f.get_slice(name).get_dtype()
         except Exception as exc:  # safetensors raises several types for a corrupt or truncated header
             raise CheckpointError(f"{fpath}: corrupt safetensors file ({str(exc).splitlines()[0]})") from exc
-    return Checkpoint(path=path, config=config, spec=spec, weight_map=weight_map, disk_dtypes=disk_dtypes)
+    return Checkpoint(path=path, config=config, spec=spec, weight_map=weight_map, disk_dtypes=disk_dtypes,
+                      hub=hub)
 
 
 def parse_max_memory(text: str | None) -> dict[Any, str] | None:
@@ -134,30 +161,44 @@ def _accelerator_type() -> str | None:
     return acc.type if acc is not None else None
 
 
+ACCELERATOR_NAMES = ("gpu", "accelerator", "cuda", "xpu", "mps", "npu", "hpu", "mlu")
+DEVICE_MAPS = ("auto", "cpu", "gpu", "balanced", "balanced_low_0", "sequential")
+
+
 def resolve_device_map(value: str) -> Any:
     """The ``device_map`` argument for ``from_pretrained`` from the ``--device-map`` option.
 
+    Checked before anything is loaded: an accelerator this machine does not have is a usage error.
+
     Raises:
-        UsageError: unknown value or unreadable JSON file (exit 2).
+        UsageError: unknown value, an absent accelerator or an unreadable JSON file (exit 2).
     """
     if value in ("auto", "balanced", "balanced_low_0", "sequential"):
         return value
     if value == "cpu":
         return {"": "cpu"}
-    if value in ("gpu", "accelerator") or value == _accelerator_type():
+    if value in ACCELERATOR_NAMES:
+        here = _accelerator_type()
+        if here is None or value not in ("gpu", "accelerator", here):
+            raise UsageError(f"--device-map {value}: no {value} accelerator on this machine"
+                             + (f" (it has {here})" if here else ""), hint="use auto or cpu")
         return {"": 0}  # accelerate reads an integer as the accelerator's index
     if value.endswith(".json"):
         try:
             return json.loads(Path(value).read_text())
         except (OSError, ValueError) as exc:
             raise UsageError(f"--device-map {value}: cannot read device map JSON ({exc})") from exc
-    raise UsageError(f"--device-map: unknown value {value!r} (no such accelerator here?)",
-                     hint="auto, cpu, cuda (with a GPU), balanced or a FILE.json")
+    raise UsageError(f"--device-map: unknown value {value!r}",
+                     hint="auto, cpu, gpu (with an accelerator), balanced, sequential or a FILE.json")
 
 
 def compute_dtype(value: str, device_map: Any):
     """The torch dtype to compute in. ``auto``: float32 on CPU (bf16 matmuls are slow and coarse there),
-    the accelerator's usual bfloat16 otherwise."""
+    the accelerator's usual bfloat16 otherwise.
+
+    Raises:
+        UsageError: unknown value (exit 2).
+    """
     import torch
 
     if value not in DTYPES:
@@ -166,6 +207,16 @@ def compute_dtype(value: str, device_map: Any):
         return getattr(torch, value)
     on_cpu = device_map == {"": "cpu"} or not torch.accelerator.is_available()
     return torch.float32 if on_cpu else torch.bfloat16
+
+
+def check_load_options(device_map: str, dtype: str, max_memory: str | None = None) -> None:
+    """Every loading option checked at once, before anything is read (``load_model`` uses the same parsers).
+
+    Raises:
+        UsageError: a bad value (exit 2).
+    """
+    compute_dtype(dtype, resolve_device_map(device_map))
+    parse_max_memory(max_memory)
 
 
 def load_model(ckpt: Checkpoint, device_map: str = "auto", max_memory: str | None = None,
@@ -213,19 +264,31 @@ def load_model(ckpt: Checkpoint, device_map: str = "auto", max_memory: str | Non
 
 
 def check_out(ckpt: Checkpoint, out: Path, force: bool) -> None:
-    """Refuse an output path that is the input (or inside it), or that exists without ``force``.
+    """Refuse an output path that is the input (or inside it), that exists without ``force``, or
+    that ``force`` may not replace: only a previous zu output (it holds a zu manifest) or an empty
+    directory is ever replaced, so that nothing zu did not write is deleted.
 
     Raises:
         UsageError: exit 2.
     """
+    from .manifest import has_manifest
+
     if out.resolve() == ckpt.path.resolve() or ckpt.path.resolve() in out.resolve().parents:
         raise UsageError(f"--out {out}: must not be the input checkpoint or inside it")
-    if out.exists() and not force:
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
         raise UsageError(f"--out {out}: already exists", hint="choose another path or pass --force to replace it")
+    if out.is_symlink() or not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory; --force replaces only a previous zu output")
+    if any(out.iterdir()) and not has_manifest(out):
+        raise UsageError(f"--out {out}: not a zu output (no zu manifest in it) and not empty; --force replaces "
+                         "only a previous zu output", hint="choose another path, or move its files away yourself")
 
 
 def write_checkpoint(ckpt: Checkpoint, out: str | Path, edited: dict[str, Any], force: bool = False,
-                     finalize: Callable[[Path], None] | None = None) -> Path:
+                     finalize: Callable[[Path], None] | None = None,
+                     on_file: Callable[..., None] | None = None) -> Path:
     """Write ``ckpt`` with ``edited`` tensors replaced, atomically (design §3).
 
     Every file is copied byte for byte; in a shard holding an edited tensor, only that tensor's
@@ -238,16 +301,18 @@ def write_checkpoint(ckpt: Checkpoint, out: str | Path, edited: dict[str, Any], 
         ckpt: the source checkpoint (never modified).
         out: output directory.
         edited: tensor name -> new value (any float dtype, any device).
-        force: replace an existing ``out``.
+        force: replace an existing ``out`` that a previous zu run wrote (``check_out``).
         finalize: called with the temporary directory once every weight file is in it, before the
             rename (writes the manifest, which digests the files).
+        on_file: called after each file or folder of the source is carried over (progress).
 
     Returns:
         The output path.
 
     Raises:
-        UsageError: ``out`` exists without ``force``, or is the input (exit 2).
+        UsageError: ``out`` exists without ``force``, is the input, or is not a zu output (exit 2).
         CheckpointError: an edited tensor is unknown or has the wrong shape (exit 3).
+        OutputError: the file system refused the write (exit 6); nothing is left behind.
     """
     out = Path(out)
     check_out(ckpt, out, force)
@@ -256,21 +321,24 @@ def write_checkpoint(ckpt: Checkpoint, out: str | Path, edited: dict[str, Any], 
         if name not in ckpt.weight_map:
             raise CheckpointError(f"{ckpt.path}: edited tensor {name!r} is not in the checkpoint")
         by_shard.setdefault(ckpt.weight_map[name], {})[name] = tensor
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.zu-tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.zu-tmp-", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot create it ({exc.strerror or exc})") from exc
     try:
         for src in sorted(ckpt.path.rglob("*")):
             rel = src.relative_to(ckpt.path)
             dst = tmp / rel
             if src.is_dir():
                 dst.mkdir(parents=True, exist_ok=True)
-                continue
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if str(rel) not in by_shard:
-                shutil.copyfile(src, dst)
-                continue
-            shutil.copyfile(src, dst)
-            _overwrite_tensors(src, dst, by_shard[str(rel)])
+            else:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)  # follows links: a hub cache snapshot holds links to blobs
+                if str(rel) in by_shard:
+                    _overwrite_tensors(src, dst, by_shard[str(rel)])
+            if on_file is not None:
+                on_file()
         if finalize is not None:
             finalize(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
@@ -281,6 +349,9 @@ def write_checkpoint(ckpt: Checkpoint, out: str | Path, edited: dict[str, Any], 
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as exc:  # disk full, permission denied: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"--out {out}: cannot write the checkpoint ({exc.strerror or exc})") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,30 +10,66 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from . import __version__
 from .console import Output
-from .errors import EXIT_INTERRUPTED, UsageError, ZuError
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, UsageError, ZuError
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 # Options several commands share (one definition, one help text).
-DEVICE_MAP = typer.Option("auto", "--device-map", help="auto, cpu, cuda, balanced or FILE.json.")
-DTYPE = typer.Option("auto", "--dtype", help="Compute dtype: auto, float32, bfloat16, float16.")
+MODEL = typer.Option(..., "--model", metavar="DIR|ORG/NAME[@REV]",
+                     help="Checkpoint directory, or a Hugging Face Hub id (its cache; HF_HUB_OFFLINE honoured).")
+DEVICE_MAP = typer.Option("auto", "--device-map", metavar="auto|cpu|gpu|balanced|sequential|FILE.json",
+                          help="accelerate device map.")
+DTYPE = typer.Option("auto", "--dtype", help="Compute dtype (auto: float32 on CPU, bfloat16 on an accelerator).")
 JSON_OUT = typer.Option(False, "--json", help="Print one JSON document on stdout.")
+REVEAL = typer.Option(False, "--reveal", help="Show request targets instead of id + hash.")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="Make a Hugging Face causal LM forget specific facts, and prove what it did.")
+
+class ZuCommand(TyperCommand):
+    """A command whose usage line names its arguments plainly (``DIR``, not ``{DIR}``)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)]
+
+
+def examples(*lines: str) -> str:
+    """An epilog listing example command lines, kept as written (click's \\b stops re-wrapping)."""
+    return "\b\nExamples\n" + "\n".join(f"  $ {line}" for line in lines) + \
+        "\n\n\b\nLearn more\n  Every option: docs/cli.md. Exit codes: zu --help."
+
+
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, context_settings=CONTEXT,
+                  help="Make a Hugging Face causal LM forget specific facts, and prove what it did.",
+                  epilog="\b\nExit codes\n  0 ok, 1 verification failed, 2 invalid usage or input, 3 checkpoint "
+                         "problem,\n  4 integrity failure, 5 numerical failure, 6 an output could not be written, "
+                         "\n  70 internal error (a bug), 130 interrupted.\n\n" + examples(
+                             "zu demo", "zu keygen",
+                             "zu unlearn --model ./ckpt --forget forget.jsonl --out ./ckpt-clean",
+                             "zu verify --model ./ckpt-clean --forget probes.jsonl --baseline ./ckpt"))
+
+
+def command(name: str | None = None, summary: str = "", epilog: str | None = None, parent=None):
+    """Register a command with a short summary that is never cut, and examples."""
+    return (parent or app).command(name, cls=ZuCommand, short_help=summary, epilog=epilog)
 
 
 def handled(fn: Callable) -> Callable:
-    """Turn ZuError into its one-line message, hint and exit code (traceback only with ZU_DEBUG=1)."""
+    """Turn ZuError into its one-line message, hint and exit code (traceback only with ZU_DEBUG=1);
+    any other exception is a bug: exit 70, never a code CI reads as a verdict."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
         except ZuError as exc:
             if os.environ.get("ZU_DEBUG"):
                 traceback.print_exc()
@@ -44,6 +80,12 @@ def handled(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             sys.stderr.write("zu: interrupted; nothing was written\n")
             raise typer.Exit(EXIT_INTERRUPTED)
+        except Exception as exc:  # a bug: say so in one line, keep the traceback for ZU_DEBUG
+            if os.environ.get("ZU_DEBUG"):
+                traceback.print_exc()
+            sys.stderr.write(f"zu: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                             "\n  hint: rerun with ZU_DEBUG=1 for the traceback, and report it\n")
+            raise typer.Exit(EXIT_INTERNAL)
 
     return wrapper
 
@@ -60,40 +102,49 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """zu: few-shot knowledge unlearning (ZeroUnlearn) for Hugging Face checkpoints."""
 
 
-@app.command()
+@command(summary="Edit a checkpoint so it forgets the requested facts; write it with a signed manifest.",
+         epilog=examples("zu unlearn --model ./ckpt --forget forget.jsonl --out ./ckpt-clean",
+                         "zu unlearn --model HuggingFaceTB/SmolLM2-135M-Instruct --forget forget.jsonl --out ./clean",
+                         "zu unlearn --model ./ckpt --forget many.jsonl --out ./ckpt-clean --multi --layers 6-10"))
 @handled
 def unlearn(
-    model: Path = typer.Option(..., "--model", help="Input checkpoint directory (never modified)."),
-    forget: Path = typer.Option(..., "--forget", help="Forget requests: .jsonl or .yaml (docs/requests.md)."),
-    out: Path = typer.Option(..., "--out", help="Output checkpoint directory (written atomically)."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Layers to edit, e.g. 17,18,19, or 'auto' (causal "
-                                         "tracing, as zu locate); default: the architecture's window."),
-    neutral: str = typer.Option("eos", "--neutral", help="Neutral target: 'eos' or any text."),
+    model: str = MODEL,
+    forget: Path = typer.Option(..., "--forget", metavar="FILE", help="Forget requests: .jsonl or .yaml "
+                                "(docs/requests.md)."),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="Output checkpoint directory (written atomically)."),
+    layers: Optional[str] = typer.Option(None, "--layers", metavar="8-10|8,9,10|auto", help="Layers to edit; auto: "
+                                         "causal tracing (as zu locate). Default: the model's window (docs/method.md)."),
+    neutral: str = typer.Option("eos", "--neutral", metavar="eos|TEXT", help="Neutral target."),
     multi: bool = typer.Option(False, "--multi", help="Gradient variant for many requests: an additive update in the "
                                "null space of general keys (docs/method.md)."),
-    solver: Optional[str] = typer.Option(None, "--solver", help="With --multi: 'gradient' (Adam, reference) or "
-                                         "'exact' (least squares)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of hyperparameters (docs/method.md)."),
+    solver: Optional[Literal["gradient", "exact"]] = typer.Option(None, "--solver", help="With --multi: Adam "
+                                                                  "(reference) or the exact least squares."),
+    config: Optional[Path] = typer.Option(None, "--config", metavar="FILE.yaml", help="Hyperparameters "
+                                          "(docs/method.md)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for templates, statistics and rounding."),
-    stats_corpus: Optional[str] = typer.Option(None, "--stats-corpus", help="Text for the general statistics: "
-                                               ".txt, .jsonl or a folder (default: samples from the model)."),
-    retain: Optional[Path] = typer.Option(None, "--retain", help="Facts to keep (request format): their prompts "
-                                          "are kept unchanged by the solve, as the forget requests' neighbours are."),
+    stats_corpus: Optional[str] = typer.Option(None, "--stats-corpus", metavar="PATH", help="Text for the general "
+                                               "statistics: .txt, .jsonl or a folder (default: samples from the "
+                                               "model)."),
+    retain: Optional[Path] = typer.Option(None, "--retain", metavar="FILE", help="Facts to keep (request format): "
+                                          "their prompts are keep-constraints of the solve."),
     device_map: str = DEVICE_MAP,
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help='Per-device budget, e.g. "0=20GiB,cpu=60GiB".'),
-    offload_dir: Optional[str] = typer.Option(None, "--offload-dir", help="Folder for weights offloaded to disk."),
-    dtype: str = DTYPE,
-    receipt: Optional[Path] = typer.Option(None, "--receipt", help="Where the commitment receipt goes (default: "
-                                           "beside --out, never inside it)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", metavar='"0=20GiB,cpu=60GiB"',
+                                             help="Per-device budget."),
+    offload_dir: Optional[str] = typer.Option(None, "--offload-dir", metavar="DIR", help="Folder for weights "
+                                              "offloaded to disk."),
+    dtype: Dtype = DTYPE,
+    receipt: Optional[Path] = typer.Option(None, "--receipt", metavar="FILE", help="Where the commitment receipt "
+                                           "goes (default: beside --out, never inside it)."),
     include_requests: bool = typer.Option(False, "--manifest-include-requests",
                                           help="Embed the plaintext requests in the manifest."),
-    key: Optional[Path] = typer.Option(None, "--key", help="Private key PEM to sign with (default: $ZU_SIGNING_KEY, "
-                                       "else the key `zu keygen` made)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    key: Optional[Path] = typer.Option(None, "--key", metavar="PEM", help="Private key to sign with (default: "
+                                       "$ZU_SIGNING_KEY, else the key `zu keygen` made)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out that a previous zu run wrote."),
     json_out: bool = JSON_OUT,
-    reveal: bool = typer.Option(False, "--reveal", help="Show request targets instead of id + hash."),
+    reveal: bool = REVEAL,
 ) -> None:
-    """Edit a checkpoint so that it forgets the requested facts; write it with an edit manifest."""
+    """Edit a checkpoint so that it forgets the requested facts; write the result with a signed edit
+    manifest and the operator's receipt. The input is never modified."""
     from .config import load_config
     from .pipeline import UnlearnOptions, run_unlearn
     from .render import render_unlearn
@@ -106,29 +157,36 @@ def unlearn(
                           stats_corpus=stats_corpus, retain=retain, device_map=device_map, max_memory=max_memory,
                           offload_dir=offload_dir, dtype=dtype, force=force, receipt=receipt,
                           include_requests=include_requests, key=key)
-    render_unlearn(run_unlearn(opts, hp, output), output)
+    with output.live():
+        res = run_unlearn(opts, hp, output)
+    render_unlearn(res, output)
 
 
-@app.command()
+@command(summary="The embedded default: a tiny fact model forgets three facts, before/after shown.",
+         epilog=examples("zu demo", "zu demo --facts 2 --json"))
 @handled
 def demo(
-    facts: int = typer.Option(3, "--facts", help="How many of the synthetic model's facts to forget."),
+    facts: int = typer.Option(3, "--facts", min=1, max=10, help="How many of the synthetic model's facts to forget."),
     json_out: bool = JSON_OUT,
 ) -> None:
-    """The embedded default: train (or reuse) a tiny fact model, make it forget a few facts, show before/after."""
+    """The embedded default: train (once, then cached) a tiny Llama on fictional facts, make it forget
+    a few of them with zu's pipeline, and show what it answers before and after."""
     from .demo import run_demo
     from .render import render_demo
 
     output = Output(json_mode=json_out, reveal=True)  # the demo's facts are fictional: nothing to hide
-    render_demo(run_demo(facts, output), output)
+    with output.live():
+        res = run_demo(facts, output)
+    render_demo(res, output)
 
 
-@app.command()
+@command(summary="Create the key pair that signs zu's edit manifests.",
+         epilog=examples("zu keygen", "zu keygen --out keys/ --type ecdsa-p256"))
 @handled
 def keygen(
-    out: Optional[Path] = typer.Option(None, "--out", help="Directory for zu-signing.key / .pub (default: the "
-                                       "user's zu config directory)."),
-    kind: str = typer.Option("ed25519", "--type", help="ed25519 or ecdsa-p256."),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Directory for zu-signing.key / .pub "
+                                       "(default: $ZU_CONFIG_DIR, else ~/.config/zu)."),
+    kind: Literal["ed25519", "ecdsa-p256"] = typer.Option("ed25519", "--type", help="Key type."),
     force: bool = typer.Option(False, "--force", help="Replace an existing key pair."),
     json_out: bool = JSON_OUT,
 ) -> None:
@@ -144,24 +202,29 @@ def keygen(
                          f"with `zu verify --public-key`)\nfingerprint {fp}")
 
 
-@app.command()
+@command(summary="Causal tracing: which layers recall the facts, and the window to edit.",
+         epilog=examples("zu locate --model ./ckpt --forget forget.jsonl",
+                         "zu locate --model ./ckpt --forget forget.jsonl --num-layers 5 --plot trace.png"))
 @handled
 def locate(
-    model: Path = typer.Option(..., "--model", help="Checkpoint to trace."),
-    forget: Path = typer.Option(..., "--forget", help="Requests (with subjects) whose facts to locate."),
-    num_layers: int = typer.Option(3, "--num-layers", help="Width of the suggested window of consecutive layers."),
-    samples: int = typer.Option(5, "--samples", help="Noise samples per request."),
-    window: int = typer.Option(1, "--window", help="Layers restored together around each scored layer."),
-    kind: str = typer.Option("mlp", "--kind", help="What is restored: mlp (MLP output at the subject's last token) "
-                             "or hidden (residual stream entering the layer, at the subject tokens)."),
+    model: str = MODEL,
+    forget: Path = typer.Option(..., "--forget", metavar="FILE", help="Requests (with subjects) whose facts to "
+                                "locate."),
+    num_layers: int = typer.Option(3, "--num-layers", min=1, help="Width of the suggested window."),
+    samples: int = typer.Option(5, "--samples", min=1, help="Noise samples per request."),
+    window: int = typer.Option(1, "--window", min=1, help="Layers restored together around each scored layer."),
+    kind: Literal["mlp", "hidden"] = typer.Option("mlp", "--kind", help="What is restored: the MLP output at the "
+                                                  "subject's last token, or the residual stream entering the layer."),
     seed: int = typer.Option(0, "--seed", help="Noise seed."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG heatmap (needs the zu-cli[plot] extra)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Write a heatmap (needs the "
+                                        "zu-cli[plot] extra)."),
     device_map: str = DEVICE_MAP,
-    dtype: str = DTYPE,
+    dtype: Dtype = DTYPE,
     json_out: bool = JSON_OUT,
-    reveal: bool = typer.Option(False, "--reveal", help="Show request targets instead of id + hash."),
+    reveal: bool = REVEAL,
 ) -> None:
-    """Causal tracing: which layers recall the facts, and the window `--layers auto` would edit."""
+    """Causal tracing (ROME): corrupt the subject, restore one layer at a time, and measure how much of
+    the answer comes back; suggest the window `--layers auto` would edit."""
     from .locate import TraceSettings
     from .pipeline import LocateOptions, run_locate
     from .render import check_plot, render_locate
@@ -170,20 +233,23 @@ def locate(
         check_plot()  # fail before the tracing, not after
     output = Output(json_mode=json_out, reveal=reveal)
     st = TraceSettings(samples=samples, window=window, kind=kind, seed=seed)
-    scores, cached = run_locate(LocateOptions(model=model, forget=forget, num_layers=num_layers, settings=st,
-                                              device_map=device_map, dtype=dtype), output)
+    with output.live():
+        scores, cached = run_locate(LocateOptions(model=model, forget=forget, num_layers=num_layers, settings=st,
+                                                  device_map=device_map, dtype=dtype), output)
     render_locate(scores, cached, output, plot)
 
 
-manifest_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                           help="Read a checkpoint's edit manifest, prove what a receipt says.")
-app.add_typer(manifest_app, name="manifest")
+manifest_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, context_settings=CONTEXT,
+                           help="Read a checkpoint's edit manifest; prove what a receipt says.")
+app.add_typer(manifest_app, name="manifest", short_help="Read a checkpoint's edit manifest; prove what a receipt "
+              "says.")
 
 
-@manifest_app.command("show")
+@command("show", summary="A readable summary of the manifest (not verified).", parent=manifest_app,
+         epilog=examples("zu manifest show ./ckpt-clean", "zu manifest show ./ckpt-clean --json"))
 @handled
 def manifest_show(
-    model: Path = typer.Argument(..., help="Checkpoint directory written by `zu unlearn`."),
+    model: Path = typer.Argument(..., metavar="DIR", help="Checkpoint directory written by `zu unlearn`."),
     json_out: bool = typer.Option(False, "--json", help="Print the statement as JSON on stdout."),
 ) -> None:
     """A readable summary of the manifest (it is not verified: `zu verify` does that)."""
@@ -193,17 +259,22 @@ def manifest_show(
     render_manifest(read_manifest(model), Output(json_mode=json_out))
 
 
-@manifest_app.command("prove")
+@command("prove", summary="Which requests were part of the edit, from the operator's receipt.",
+         parent=manifest_app,
+         epilog=examples("zu manifest prove ./ckpt-clean --receipt ckpt-clean.zu-receipt.json --forget probes.jsonl"))
 @handled
 def manifest_prove(
-    model: Path = typer.Argument(..., help="Checkpoint directory written by `zu unlearn`."),
-    receipt: Path = typer.Option(..., "--receipt", help="The receipt `zu unlearn` wrote beside --out."),
-    forget: Path = typer.Option(..., "--forget", help="Requests to test for membership (.jsonl or .yaml)."),
+    model: Path = typer.Argument(..., metavar="DIR", help="Checkpoint directory written by `zu unlearn`."),
+    receipt: Path = typer.Option(..., "--receipt", metavar="FILE", help="The receipt `zu unlearn` wrote beside "
+                                 "--out."),
+    forget: Path = typer.Option(..., "--forget", metavar="FILE", help="Requests to test for membership (.jsonl or "
+                                ".yaml); paraphrases and neighbours do not matter."),
     json_out: bool = JSON_OUT,
-    reveal: bool = typer.Option(False, "--reveal", help="Show request targets instead of id + hash."),
+    reveal: bool = REVEAL,
 ) -> None:
-    """Say which requests were part of the edit (exit 0 when all were, 1 when any was not)."""
-    from .pipeline import run_prove
+    """Say which requests were part of the edit: exit 0 when all were, 1 when any was not, 4 when the
+    receipt or the manifest does not check out."""
+    from .pipeline_verify import run_prove
     from .render import render_prove
 
     output = Output(json_mode=json_out, reveal=reveal)
@@ -213,44 +284,58 @@ def manifest_prove(
         raise typer.Exit(1)
 
 
-@app.command()
+@command(summary="Check the signed manifest, then probe; exit 0 pass, 1 probe failed, 4 integrity.",
+         epilog=examples("zu verify --model ./ckpt-clean --public-key ~/.config/zu/zu-signing.pub",
+                         "zu verify --model ./ckpt-clean --forget probes.jsonl --baseline ./ckpt "
+                         "--junit reports/verify.xml"))
 @handled
 def verify(
-    model: Path = typer.Option(..., "--model", help="Checkpoint to verify."),
-    forget: Optional[Path] = typer.Option(None, "--forget", help="Requests that must be forgotten (without it: "
-                                          "integrity of the signed manifest only)."),
-    baseline: Optional[Path] = typer.Option(None, "--baseline", help="The base checkpoint: probes side by side, "
-                                            "Eff/Gen/Spe and the perplexity gate."),
-    retain: Optional[Path] = typer.Option(None, "--retain", help="Facts that must still be answered (request format)."),
-    text: Optional[Path] = typer.Option(None, "--text", help="Prose for perplexity (default with --baseline: a "
-                                        "bundled text)."),
+    model: str = MODEL,
+    forget: Optional[Path] = typer.Option(None, "--forget", metavar="FILE", help="Requests that must be forgotten "
+                                          "(without it: integrity of the signed manifest only)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", metavar="DIR|ORG/NAME", help="The base checkpoint: "
+                                           "probes side by side, Eff/Gen/Spe and the perplexity gate."),
+    retain: Optional[Path] = typer.Option(None, "--retain", metavar="FILE", help="Facts that must still be "
+                                          "answered (request format)."),
+    text: Optional[Path] = typer.Option(None, "--text", metavar="FILE", help="Prose for perplexity (default with "
+                                        "--baseline: a bundled text)."),
     deep: bool = typer.Option(False, "--deep", help="Logit lens: is the target still decodable at each layer?"),
-    max_rank: int = typer.Option(0, "--max-rank", help="A forgotten target still counts as recalled when its first "
-                                 "token ranks at most this (0 = top-1)."),
-    max_prob: float = typer.Option(0.25, "--max-prob", help="... or when the whole target's probability exceeds this."),
-    max_ppl_ratio: float = typer.Option(1.05, "--max-ppl-ratio", help="Perplexity after/before allowed "
+    max_rank: int = typer.Option(0, "--max-rank", min=0, help="A forgotten target still counts as recalled when its "
+                                 "first token ranks at most this (0 = top-1)."),
+    max_prob: float = typer.Option(0.25, "--max-prob", min=0.0, max=1.0, help="... or when the whole target's "
+                                   "probability exceeds this."),
+    max_ppl_ratio: float = typer.Option(1.05, "--max-ppl-ratio", min=1.0, help="Perplexity after/before allowed "
                                         "(with --baseline)."),
-    deep_k: int = typer.Option(10, "--deep-k", help="--deep calls a target decodable when it ranks below this."),
-    public_key: Optional[Path] = typer.Option(None, "--public-key", help="Pin the signer: its public key PEM."),
+    deep_k: int = typer.Option(10, "--deep-k", min=1, help="--deep calls a target decodable when it ranks below "
+                               "this."),
+    public_key: Optional[Path] = typer.Option(None, "--public-key", metavar="PEM", help="Pin the signer: its "
+                                              "public key."),
     require_key: bool = typer.Option(False, "--require-key", help="Fail (exit 4) unless the signer is pinned."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML, one test case per probe."),
+    junit: Optional[Path] = typer.Option(None, "--junit", metavar="FILE.xml", help="Write JUnit XML, one test case "
+                                         "per probe (folders are created)."),
     device_map: str = DEVICE_MAP,
-    dtype: str = DTYPE,
+    dtype: Dtype = DTYPE,
     json_out: bool = JSON_OUT,
     reveal: bool = typer.Option(False, "--reveal", help="Show prompts, targets and model text instead of id + hash."),
 ) -> None:
-    """Check the signed manifest, then probe: exit 0 all pass, 1 a probe failed, 4 integrity failure."""
-    from .pipeline import VerifyOptions, run_verify
-    from .render import render_verify
+    """Check the signed manifest (signature, pinned signer, every file, the edited tensors), then probe
+    every request, paraphrase, neighbour and retained fact. Exit 0 when all pass, 1 when a probe
+    fails, 4 on an integrity failure, 6 when the JUnit report cannot be written."""
+    from .pipeline_verify import VerifyOptions, run_verify
+    from .render import render_integrity, render_verify, write_junit
     from .verify import Criteria
 
     output = Output(json_mode=json_out, reveal=reveal)
     crit = Criteria(max_rank=max_rank, max_prob=max_prob, max_ppl_ratio=max_ppl_ratio, deep_k=deep_k)
-    report = run_verify(VerifyOptions(model=model, forget=forget, public_key=public_key, require_key=require_key,
-                                      baseline=baseline, retain=retain, text=text, deep=deep, criteria=crit,
-                                      device_map=device_map, dtype=dtype), output)
-    render_verify(report, output, junit)
-    report.raise_for_status()
+    opts = VerifyOptions(model=model, forget=forget, public_key=public_key, require_key=require_key,
+                         baseline=baseline, retain=retain, text=text, deep=deep, criteria=crit,
+                         device_map=device_map, dtype=dtype)
+    with output.live():
+        report = run_verify(opts, output, on_integrity=lambda r: render_integrity(r, output))
+    render_verify(report, output)
+    if junit is not None:
+        write_junit(report, junit)
+    raise typer.Exit(report.exit_code)
 
 
 def run() -> None:

@@ -17,12 +17,20 @@ from pathlib import Path
 
 from .console import Output
 
-RELATIONS = {  # relation -> (answers, templates); the first template is the one edited, the others probe
-    "city": (["Oslo", "Lima", "Quito", "Hanoi", "Dakar", "Riga", "Perth", "Cairo", "Turin", "Leeds"],
+# relation -> (answers, templates); the first template is the one edited, the others probe. Where
+# a person lives is private data, and the world gives each person a city of their own (``UNIQUE``):
+# in a 4-layer model the forgotten answer's own output direction is what the edit removes, so a
+# city shared with a kept person would go too (measured: 2 of 12 kept facts lost, ||dW||/||W|| up
+# to 1.37), where real models keep such neighbours (docs/results.md).
+RELATIONS = {
+    "city": (["Oslo", "Lima", "Quito", "Hanoi", "Dakar", "Riga", "Perth", "Cairo", "Turin", "Leeds", "Kyiv", "Baku",
+              "Accra", "Dhaka", "Sofia", "Minsk", "Doha", "Tunis", "Havana", "Nairobi", "Bogota", "Lagos", "Porto",
+              "Zagreb"],
              ["{} lives in", "The home town of {} is", "{} has a house in"]),
     "job": (["baker", "pilot", "nurse", "farmer", "painter", "lawyer", "tailor", "miner"],
             ["{} works as a", "The job of {} is", "By trade , {} is a"]),
 }
+UNIQUE = {"city"}  # relations whose answer no two people share
 SYLLABLES = ["ka", "lo", "mi", "bor", "un", "ta", "ve", "ri", "zo", "pel", "an", "du", "sha", "ne", "tor", "gi"]
 
 
@@ -35,14 +43,14 @@ class FactSpec:
     hidden: int = 128
     layers: int = 4
     ff: int = 512
-    steps: int = 600
-    lr: float = 3e-3
-    warmup: int = 60
+    steps: int = 300
+    lr: float = 5e-3
+    warmup: int = 30
     seed: int = 0
 
     def key(self) -> str:
         """Cache key of this world and model."""
-        raw = json.dumps({**self.__dict__, "relations": RELATIONS, "syl": SYLLABLES, "v": 1}, sort_keys=True)
+        raw = json.dumps({**self.__dict__, "relations": RELATIONS, "syl": SYLLABLES, "v": 2}, sort_keys=True)
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -52,9 +60,11 @@ class FactSpec:
 # reaches 0.3. Its context templates are syllable noise that moves a 4-layer model's last-token
 # key far from the bare prompt's, so keys averaged over them miss the prompt itself (--multi,
 # which writes z exactly at the averaged key, left all 3 recalled; 1 with a 4 ||h|| clamp):
-# the bare prompt alone.
+# the bare prompt alone. Its MLP outputs are small next to its residual stream, so moving the
+# residual by a fraction of its norm is a large relative change of the weight (1.4-1.8 for the
+# demo's three facts, every other fact kept): the bound for real checkpoints (1.5) is raised.
 # SmolLM2 keeps the reference's settings.
-FACT_EDIT = {"z_clamp": 1.5, "n_prefixes": 0}
+FACT_EDIT = {"z_clamp": 1.5, "n_prefixes": 0, "max_rel_change": 3.0}
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,9 @@ def world(spec: FactSpec) -> tuple[list[Fact], list[str]]:
         if name not in names:
             names.append(name)
     known, unknown = names[:spec.n_subjects], names[spec.n_subjects:]
-    return [Fact(s, rel, rng.choice(ans)) for s in known for rel, (ans, _) in RELATIONS.items()], unknown
+    answers = {rel: rng.sample(ans, len(known)) if rel in UNIQUE else [rng.choice(ans) for _ in known]
+               for rel, (ans, _) in RELATIONS.items()}
+    return [Fact(s, rel, answers[rel][i]) for i, s in enumerate(known) for rel in RELATIONS], unknown
 
 
 def _tokenizer(facts: list[Fact], unknown: list[str]):
@@ -101,9 +113,12 @@ def _tokenizer(facts: list[Fact], unknown: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 
 
-def _train(spec: FactSpec, facts: list[Fact], unknown: list[str], dest: Path) -> None:
+def _train(spec: FactSpec, facts: list[Fact], unknown: list[str], dest: Path, advance=lambda n=1: None) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's shard bar; zu shows its own progress
 
     torch.manual_seed(spec.seed)
     tok = _tokenizer(facts, unknown)
@@ -116,7 +131,7 @@ def _train(spec: FactSpec, facts: list[Fact], unknown: list[str], dest: Path) ->
     for f in facts:
         for ti in range(len(RELATIONS[f.relation][1])):
             p = tok(f.prompt(ti))["input_ids"]
-            seqs.append(p + tok(" " + f.answer)["input_ids"] + [tok.eos_token_id])
+            seqs.append(p + tok(" " + f.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
             answer_pos.append(len(p))
     # People the model knows nothing about: it learns to end the answer at once (EOS), which
     # gives the neutral target of an unlearning edit a meaning, as in a pretrained model.
@@ -143,18 +158,24 @@ def _train(spec: FactSpec, facts: list[Fact], unknown: list[str], dest: Path) ->
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        advance()
     model.eval()
     model.save_pretrained(dest)
     tok.save_pretrained(dest)
     (dest / "facts.json").write_text(json.dumps([f.__dict__ for f in facts], indent=1))
 
 
-def fact_model(spec: FactSpec = FactSpec()) -> tuple[Path, bool, float]:
+def fact_model(spec: FactSpec = FactSpec(), out: Output | None = None) -> tuple[Path, bool, float]:
     """The synthetic fact model's checkpoint directory, trained now or taken from the cache.
+
+    Args:
+        spec: the world and the model.
+        out: where the training's progress bar goes (none when None).
 
     Returns:
         (directory, was cached, training seconds).
     """
+    from .console import silent
     from .stats import cache_dir
 
     dest = cache_dir() / "demo" / spec.key()
@@ -164,11 +185,15 @@ def fact_model(spec: FactSpec = FactSpec()) -> tuple[Path, bool, float]:
     tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=dest.parent))
     t0 = time.perf_counter()
     try:
-        _train(spec, *world(spec), tmp)
+        with (out or silent()).progress("training the fact model (once; then cached)", spec.steps) as advance:
+            _train(spec, *world(spec), tmp, advance)
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest, False, time.perf_counter() - t0
+
+
+SHOWN = 12  # kept facts shown in the demo's table (all of them are counted)
 
 
 @dataclass
@@ -195,15 +220,18 @@ def greedy_answers(model_dir: Path, prompts: list[str]) -> list[str]:
 
 
 def run_demo(n_forget: int, out: Output) -> DemoResult:
-    """Train or reuse the fact model, make it forget ``n_forget`` facts, report what it answers."""
+    """Train or reuse the fact model, make it forget ``n_forget`` facts, report what it answers.
+
+    Every other fact of the model is probed; the table shows the forgotten ones and ``SHOWN`` others.
+    """
     from .config import Hyper
     from .keys import ephemeral
     from .pipeline import UnlearnOptions, run_unlearn
 
-    model_dir, cached, secs = fact_model()
+    model_dir, cached, secs = fact_model(out=out)
     facts = [Fact(**f) for f in json.loads((model_dir / "facts.json").read_text())]
     forget = [f for f in facts if f.relation == "city"][:n_forget]
-    keep = [f for f in facts if f not in forget][:12]
+    keep = [f for f in facts if f not in forget]
     with tempfile.TemporaryDirectory(prefix="zu-demo-") as tmp:
         req = Path(tmp) / "forget.jsonl"
         # No subject: in a 4-layer model with one-token names the answer is assembled at the
@@ -216,10 +244,12 @@ def run_demo(n_forget: int, out: Output) -> DemoResult:
                                    signer=ephemeral()),
                     Hyper(**FACT_EDIT), out)
         probes = forget + keep
-        before = greedy_answers(model_dir, [f.prompt() for f in probes])
-        after = greedy_answers(Path(tmp) / "edited", [f.prompt() for f in probes])
+        with out.stage(f"probing {len(probes)} facts before and after"):
+            before = greedy_answers(model_dir, [f.prompt() for f in probes])
+            after = greedy_answers(Path(tmp) / "edited", [f.prompt() for f in probes])
     rows = [{"prompt": f.prompt(), "target": f.answer, "before": b, "after": a, "forget": f in forget}
             for f, b, a in zip(probes, before, after)]
     return DemoResult(model_dir=str(model_dir), cached=cached, train_seconds=secs, n_forget=len(forget),
                       forgotten=sum(r["after"] != r["target"] for r in rows if r["forget"]), n_keep=len(keep),
-                      kept=sum(r["after"] == r["target"] for r in rows if not r["forget"]), rows=rows)
+                      kept=sum(r["after"] == r["target"] for r in rows if not r["forget"]),
+                      rows=rows[:len(forget) + SHOWN])

@@ -8,6 +8,8 @@ EXIT_USAGE = 2
 EXIT_CHECKPOINT = 3
 EXIT_INTEGRITY = 4
 EXIT_NUMERICAL = 5
+EXIT_OUTPUT = 6
+EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE: a bug in zu, never read as a verdict
 EXIT_INTERRUPTED = 130
 
 
@@ -55,6 +57,16 @@ class NumericalError(ZuError):
     """The solve produced NaN/Inf, was ill-conditioned or changed a weight too much (exit 5)."""
 
     exit_code = EXIT_NUMERICAL
+
+
+class OutputError(ZuError):
+    """An output zu was asked to write (report, checkpoint, receipt) could not be written (exit 6).
+
+    Its own code so that CI never reads "the JUnit file could not be written" as "a fact is
+    still recalled" (exit 1).
+    """
+
+    exit_code = EXIT_OUTPUT
 
 
 class VerificationFailed(ZuError):

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ZuError
-from .manifest import (ENVELOPE, MANIFEST, PAYLOAD_TYPE, STATEMENT_TYPE, commitments, pae, sha256_file,
-                       sha256_tensor)
+from .manifest import (COMMITMENT_V1, ENVELOPE, MANIFEST, PAYLOAD_TYPE, STATEMENT_TYPE, commitments, pae,
+                       sha256_file, sha256_tensor)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".py")
 
@@ -27,6 +27,7 @@ class IntegrityReport:
         pinned: the signer matches ``--public-key``.
         files: number of listed files whose digest was checked.
         tensors: number of edited tensors checked against the manifest.
+        statement: the verified statement (None until the signature checked out).
     """
 
     problems: list[str] = field(default_factory=list)
@@ -35,6 +36,12 @@ class IntegrityReport:
     pinned: bool = False
     files: int = 0
     tensors: int = 0
+    statement: dict[str, Any] | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The report for ``--json`` (the statement itself is not repeated)."""
+        return {"problems": self.problems, "warnings": self.warnings, "keyid": self.keyid, "pinned": self.pinned,
+                "files": self.files, "tensors": self.tensors}
 
     @property
     def ok(self) -> bool:
@@ -107,6 +114,7 @@ def check_integrity(model_dir: Path, public_key=None, require_key: bool = False)
     stmt = read_statement(model_dir, report)
     if stmt is None:
         return report
+    report.statement = stmt
     if public_key is not None:
         report.pinned = fingerprint(public_key) == report.keyid
         if not report.pinned:
@@ -181,7 +189,8 @@ def prove(stmt: dict[str, Any], receipt: Path, requests: list) -> list[dict[str,
     listed = stmt["predicate"]["requests"]["commitments"]
     if body.get("commitments") != listed:
         raise IntegrityError(f"{receipt}: its commitments are not this manifest's (receipt of another edit?)")
-    mine = commitments(requests, salt)
+    # Manifests before the identity scheme committed to the whole request (docs/manifest.md).
+    mine = commitments(requests, salt, stmt["predicate"]["requests"].get("commitment", COMMITMENT_V1))
     values = set(listed.values())
     return [{"id": rid, "commitment": c, "in_manifest": c in values} for rid, c in mine.items()]
 

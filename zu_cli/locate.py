@@ -44,17 +44,25 @@ class TraceSettings:
     seed: int = 0
 
 
+# A window is suggested only where restoring one layer brings back at least this share of what
+# the corruption took, on average over the traced requests: below it, the "peak" is noise.
+MIN_RECOVERED = 0.05
+
+
 @dataclass
 class LayerScores:
     """Per-layer effects, for every request and on average.
 
     Attributes:
         layers: number of layers.
-        effect: mean indirect effect per layer (probability points recovered).
+        effect: mean indirect effect per layer (probability points recovered), over the traced requests.
         recovered: mean fraction of the corruption's loss recovered per layer, (p_l - p_c)/(p_clean - p_c).
-        requests: per request: id, p_clean, p_corrupt, effect per layer.
+        requests: per request: id, p_clean, p_corrupt, recalled (the answer is the model's top
+            prediction; only those are traced), effect per layer.
         noise_std: the absolute noise std used.
-        window: the suggested consecutive layers.
+        window: the suggested consecutive layers ([] when ``found`` is false).
+        found: a causal effect above noise was found.
+        reason: why not, when ``found`` is false.
     """
 
     layers: int
@@ -63,6 +71,38 @@ class LayerScores:
     requests: list[dict]
     noise_std: float
     window: list[int]
+    found: bool = True
+    reason: str = ""
+
+    @property
+    def traced(self) -> list[dict]:
+        """The requests whose answer the model gave, the only ones averaged."""
+        return [q for q in self.requests if q["recalled"]]
+
+
+def judge_effect(per: list[dict], n_layers: int, num_layers: int) -> tuple[list[float], list[float], list[int], bool,
+                                                                           str]:
+    """Average the traced requests' effects; suggest a window only where there is an effect.
+
+    Args:
+        per: per request ``{"recalled", "p_clean", "p_corrupt", "effect"}``.
+        n_layers: the model's layer count.
+        num_layers: the window's width.
+
+    Returns:
+        (mean effect per layer, mean recovered share per layer, window or [], found, reason).
+    """
+    traced = [q for q in per if q["recalled"]]
+    if not traced:
+        zero = [0.0] * n_layers
+        return zero, zero, [], False, "the model does not give the answer of any request: nothing to trace"
+    effect = [sum(q["effect"][l] for q in traced) / len(traced) for l in range(n_layers)]
+    rec = [sum(q["effect"][l] / max(q["p_clean"] - q["p_corrupt"], 1e-6) for q in traced) / len(traced)
+           for l in range(n_layers)]
+    if max(rec) < MIN_RECOVERED:
+        return effect, rec, [], False, (f"no layer restores {MIN_RECOVERED:.0%} of what corrupting the subject "
+                                        f"takes (best {max(rec):.1%})")
+    return effect, rec, best_window(effect, num_layers), True, ""
 
 
 def best_window(effect: list[float], k: int) -> list[int]:
@@ -104,7 +144,8 @@ def trace_request(model, tok, spec, n_layers: int, req, noise_std: float, st: Tr
         restore: the layer sets to score (default: ``restore_sets(n_layers, st.window)``).
 
     Returns:
-        ``{"p_clean", "p_corrupt", "p_restored": [per set]}``: probabilities of the target's first token.
+        ``{"p_clean", "p_corrupt", "p_restored": [per set], "recalled"}``: probabilities of the
+        target's first token, and whether it is the clean prompt's top prediction.
     """
     dev = input_device(model)
     ids = encode(tok, req.prompt)
@@ -120,6 +161,7 @@ def trace_request(model, tok, spec, n_layers: int, req, noise_std: float, st: Tr
         clean_logits = model(input_ids=x, logits_to_keep=1).logits[0, -1].float()
         clean = {n: td[n].output[0].clone() for n in names}  # n -> (seq, d)
     p_clean = float(clean_logits.softmax(-1)[target])
+    recalled = int(clean_logits.argmax()) == target
     # Row plan: S corrupted rows without restoration, then S rows per restore set.
     plan = [(s, ()) for s in range(st.samples)] + [(s, tuple(rs)) for rs in restore for s in range(st.samples)]
     probs = []
@@ -142,7 +184,7 @@ def trace_request(model, tok, spec, n_layers: int, req, noise_std: float, st: Tr
             logits = model(input_ids=x.expand(len(chunk), -1), logits_to_keep=1).logits[:, -1].float()
         probs.append(logits.softmax(-1)[:, target].cpu())
     p = torch.cat(probs).view(-1, st.samples).mean(1)  # (1 + len(restore),)
-    return {"p_clean": p_clean, "p_corrupt": float(p[0]), "p_restored": p[1:].tolist()}
+    return {"p_clean": p_clean, "p_corrupt": float(p[0]), "p_restored": p[1:].tolist(), "recalled": recalled}
 
 
 def _width(model, spec) -> int:
@@ -166,7 +208,7 @@ def cache_path(source: str, requests, st: TraceSettings) -> Path:
     """Where the scores for this checkpoint, these requests and settings are cached."""
     from .stats import cache_dir
 
-    key = json.dumps({"source": source, "requests": [r.canonical() for r in requests], **asdict(st), "v": 1},
+    key = json.dumps({"source": source, "requests": [r.canonical() for r in requests], **asdict(st), "v": 2},
                      sort_keys=True)
     return cache_dir() / "locate" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
 
@@ -198,23 +240,23 @@ def locate(model, tok, spec, n_layers: int, requests, st: TraceSettings, num_lay
     path = cache_path(source, usable, st)
     if path.is_file():
         doc = json.loads(path.read_text())
-        doc["window"] = best_window(doc["effect"], num_layers)
-        return LayerScores(**doc), True
+        return _scores(doc["requests"], doc["layers"], doc["noise_std"], num_layers), True
     noise_std = st.noise * embed_std(model, tok, spec, usable)
     per = []
     with out.progress("causal tracing", len(usable)) as advance:
         for r in usable:
             t = trace_request(model, tok, spec, n_layers, r, noise_std, st)
-            per.append({"id": r.id, "p_clean": t["p_clean"],
-                        "p_corrupt": t["p_corrupt"], "effect": [p - t["p_corrupt"] for p in t["p_restored"]]})
+            per.append({"id": r.id, "p_clean": t["p_clean"], "p_corrupt": t["p_corrupt"], "recalled": t["recalled"],
+                        "effect": [p - t["p_corrupt"] for p in t["p_restored"]]})
             advance()
-    effect = [sum(q["effect"][l] for q in per) / len(per) for l in range(n_layers)]
-    rec = [sum(q["effect"][l] / max(q["p_clean"] - q["p_corrupt"], 1e-6) for q in per) / len(per)
-           for l in range(n_layers)]
-    scores = LayerScores(layers=n_layers, effect=effect, recovered=rec, requests=per, noise_std=noise_std,
-                         window=best_window(effect, num_layers))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({k: v for k, v in asdict(scores).items() if k != "window"}))
+    tmp.write_text(json.dumps({"layers": n_layers, "noise_std": noise_std, "requests": per}))
     os.replace(tmp, path)
-    return scores, False
+    return _scores(per, n_layers, noise_std, num_layers), False
+
+
+def _scores(per: list[dict], n_layers: int, noise_std: float, num_layers: int) -> LayerScores:
+    effect, rec, window, found, reason = judge_effect(per, n_layers, num_layers)
+    return LayerScores(layers=n_layers, effect=effect, recovered=rec, requests=per, noise_std=noise_std,
+                       window=window, found=found, reason=reason)

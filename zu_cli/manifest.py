@@ -25,6 +25,11 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://zu.dev/unlearn/v1"
 
 
+def has_manifest(path: Path) -> bool:
+    """Whether the directory holds a zu manifest (either of its two files)."""
+    return (Path(path) / ENVELOPE).is_file() or (Path(path) / MANIFEST).is_file()
+
+
 def canonical_json(obj: Any) -> bytes:
     """Canonical JSON bytes: sorted keys, no insignificant whitespace, UTF-8."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -53,9 +58,43 @@ def dir_digests(root: Path, skip: set[str] = frozenset()) -> dict[str, str]:
             if p.is_file() and str(p.relative_to(root)) not in skip}
 
 
-def commitments(requests: list, salt: bytes) -> dict[str, str]:
-    """Request id -> HMAC-SHA256(salt, canonical request): proves membership without revealing it."""
-    return {r.id: hmac.new(salt, canonical_json(r.canonical()), hashlib.sha256).hexdigest() for r in requests}
+# What a commitment covers. v2 (this release): the request's identity (id, prompt, subject,
+# target, neutral), so the same request proves membership whatever probes travel with it. v1
+# (manifests without ``requests.commitment``): the whole canonical request, probes included.
+COMMITMENT = "hmac-sha256-identity-v2"
+COMMITMENT_V1 = "hmac-sha256-request-v1"
+
+
+def commitments(requests: list, salt: bytes, scheme: str = COMMITMENT) -> dict[str, str]:
+    """Request id -> HMAC-SHA256(salt, canonical JSON of what ``scheme`` covers): proves membership
+    without revealing the request.
+
+    Args:
+        requests: requests.Request list.
+        salt: the run's salt (kept in the operator's receipt).
+        scheme: ``COMMITMENT`` (identity) or ``COMMITMENT_V1`` (whole request, older manifests).
+    """
+    body = (lambda r: r.identity()) if scheme == COMMITMENT else (lambda r: r.canonical())
+    return {r.id: hmac.new(salt, canonical_json(body(r)), hashlib.sha256).hexdigest() for r in requests}
+
+
+def edit_predicate(source: dict[str, Any], edit: dict[str, Any], tensors: list[dict[str, Any]], requests: list,
+                   commits: dict[str, str], include_plaintext: bool, probes: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's predicate (docs/manifest.md), the signer excepted (``write_manifest`` adds it).
+
+    Args:
+        source: what the input was (``path_name``, file digests, ``hub`` id and revision).
+        edit: the variant, layers, settings and how they were chosen.
+        tensors: per edited tensor its name, shape, dtype, digests before and after, change.
+        requests: the forget requests; their text enters only when ``include_plaintext``.
+        commits: request id -> commitment (``commitments``).
+        probes: counts of the before/after probes.
+    """
+    reqs: dict[str, Any] = {"count": len(requests), "commitment": COMMITMENT, "commitments": commits}
+    if include_plaintext:
+        reqs["plaintext"] = [r.canonical() for r in requests]
+    return {"versions": versions(), "source": source, "edit": edit, "tensors": tensors, "requests": reqs,
+            "probes": probes}
 
 
 def new_salt() -> bytes:
@@ -110,7 +149,8 @@ def write_manifest(out_dir: Path, predicate: dict[str, Any], key) -> dict[str, A
 
 def write_receipt(path: Path, salt: bytes, commits: dict[str, str]) -> None:
     """The operator's receipt: the salt and id -> commitment, kept outside the checkpoint (mode 0600)."""
-    body = {"salt": salt.hex(), "commitments": commits, "algorithm": "HMAC-SHA256(salt, canonical request JSON)"}
+    body = {"salt": salt.hex(), "commitments": commits, "scheme": COMMITMENT,
+            "algorithm": "HMAC-SHA256(salt, canonical JSON of the request's id, prompt, subject, target, neutral)"}
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:

@@ -21,7 +21,7 @@ CLOSED_FORM_MANY = 10
 class UnlearnOptions:
     """What ``zu unlearn`` was asked to do (parsed CLI options)."""
 
-    model: Path
+    model: str | Path  # a directory or a hub id org/name[@revision]
     forget: Path
     out: Path
     layers: str | None = None
@@ -55,56 +55,80 @@ class UnlearnResult:
     pinned: list[str] = field(default_factory=list)  # settings a known model's architecture entry pinned
     variant: str = "closed-form"  # or multi-gradient / multi-exact, as the manifest's edit.variant
 
+    @property
+    def counts(self) -> dict[str, int]:
+        """How many requests were forgotten, are still recalled, or were never recalled (``request_status``)."""
+        return status_counts(self.requests)
+
+
+def request_status(recalled_before: bool, recalled_after: bool) -> str:
+    """One request's outcome: ``forgotten``, ``still recalled`` or ``not recalled before the edit``.
+
+    A fact the model did not answer before the edit was not forgotten by it, and is never counted so.
+    """
+    if not recalled_before:
+        return NOT_KNOWN
+    return "still recalled" if recalled_after else "forgotten"
+
+
+NOT_KNOWN = "not recalled before the edit"
+
+
+def status_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """``{"forgotten", "still_recalled", "not_recalled_before", "total"}`` over rows with a ``status``."""
+    by = [r["status"] for r in rows]
+    return {"forgotten": by.count("forgotten"), "still_recalled": by.count("still recalled"),
+            "not_recalled_before": by.count(NOT_KNOWN), "total": len(by)}
+
 
 def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     """Edit a checkpoint so it forgets the requests, write it with its manifest (design §2-3).
 
+    Every option and input file is checked before the model is loaded.
+
     Raises:
-        ZuError subclasses: bad input (2), checkpoint problems (3), numerical failure (5); nothing
-        is written in any of these cases.
+        ZuError subclasses: bad input (2), checkpoint problems (3), numerical failure (5), an
+        output that cannot be written (6); nothing is written in any of these cases.
     """
     import torch
 
     from . import edit, manifest, update
-    from .arch import known_settings, num_layers, resolve_layers
-    from .checkpoint import check_out, load_model, open_checkpoint, write_checkpoint
-    from .keys import load_signing_key
-    from .requests import load_requests
+    from .arch import known_settings, num_layers, parse_layers, resolve_layers
+    from .checkpoint import check_load_options, check_out, load_model, open_checkpoint, write_checkpoint
     from .keep import keep_prompts, solve_moments
-    from .text import neutral_ids
+    from .keys import load_signing_key
     from .probes import probe, token_ranks
+    from .requests import load_requests
+    from .text import neutral_ids
 
     t: dict[str, float] = {}
     t0 = time.perf_counter()
+    check_load_options(opts.device_map, opts.dtype, opts.max_memory)
+    auto = parse_layers(opts.layers) == "auto"
     requests = load_requests(opts.forget)
     keep = keep_prompts(load_requests(opts.retain) if opts.retain else [], requests)
-    ckpt = open_checkpoint(opts.model)
-    check_out(ckpt, opts.out, opts.force)  # refuse before any expensive work
     key = opts.signer or load_signing_key(opts.key)
     receipt = opts.receipt or opts.out.parent / f"{opts.out.name}.zu-receipt.json"
     if receipt.resolve().is_relative_to(opts.out.resolve()):
         raise UsageError(f"--receipt {receipt}: inside --out; the salt must stay with the operator")
+    with out.stage("opening the checkpoint"):
+        ckpt = open_checkpoint(opts.model)
+    check_out(ckpt, opts.out, opts.force)  # refuse before any expensive work
+    spec = ckpt.spec
+    n_layers = num_layers(spec, ckpt.config)
+    layers, how = resolve_layers(None if auto else opts.layers, spec, ckpt.config, n_layers, multi=opts.multi)
     if not opts.multi and len(requests) > CLOSED_FORM_MANY:
         out.warn(f"{len(requests)} requests with the closed form, which removes one output direction per request: "
                  f"with more than {CLOSED_FORM_MANY} it keeps fewer neighbours and more perplexity than --multi "
                  "(docs/method.md, 'Closed form vs --multi')")
-    spec = ckpt.spec
-    n_layers = num_layers(spec, ckpt.config)
-    auto = (opts.layers or "").strip().lower() == "auto"
-    layers, how = resolve_layers(None if auto else opts.layers, spec, ckpt.config, n_layers, multi=opts.multi)
-    model, tok = load_model(ckpt, opts.device_map, opts.max_memory, opts.offload_dir, opts.dtype)
+    with out.stage("loading the model"):
+        model, tok = load_model(ckpt, opts.device_map, opts.max_memory, opts.offload_dir, opts.dtype)
     targets_neutral = neutral_ids(tok, requests, opts.neutral)
     source_digests = manifest.dir_digests(ckpt.path)
     source = manifest.sha256_file_list(source_digests)
     located = None
     if auto:
-        from .locate import TraceSettings, locate
-
-        st = TraceSettings(seed=hp.seed)
-        scores, _ = locate(model, tok, spec, n_layers, requests, st, len(layers), source, out)
-        layers, how = scores.window, "auto (causal tracing)"
-        located = {"effect": [round(e, 5) for e in scores.effect], "window": scores.window,
-                   "settings": asdict(st), "requests_traced": len(scores.requests)}
+        layers, how, located = _auto_layers(model, tok, spec, n_layers, requests, hp, layers, source, out)
     # what was measured best for this model's window, where the user set nothing
     hp, pinned, sens_kind = known_settings(spec, ckpt.config, n_layers, layers, hp, opts.multi)
     raw, weights, biases = {}, {}, {}
@@ -116,11 +140,11 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     t["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    templates = edit.context_templates(model, tok, hp)
+    with out.stage("context templates"):
+        templates = edit.context_templates(model, tok, hp)
     t["templates"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    n = len(requests)
     queries = [(r.prompt, r.target) for r in requests]
     before = probe(model, tok, queries)
     z, z_prob, sensitive = edit.edit_targets(model, tok, spec, requests, layers, templates, targets_neutral, hp,
@@ -136,8 +160,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     solver = update.multi_solver(kk, hp) if opts.multi else update.closed_form_solver(g, hp)
     ups = update.edit_layers(model, tok, spec, requests, layers, weights, biases, z, sensitive, templates, hp, solver,
                              out)
-    new_w = {u.layer: u.new for u in ups}
-    with update.applied(model, spec, new_w, biases):
+    with update.applied(model, spec, {u.layer: u.new for u in ups}, biases):
         after = probe(model, tok, queries)
         ranks = token_ranks(model, tok, [r.prompt for r in requests], targets_neutral)
     t["solve"] = time.perf_counter() - t0
@@ -145,35 +168,30 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     t0 = time.perf_counter()
     variant = f"multi-{hp.solver}" if opts.multi else "closed-form"
     edited = {u.name: (u.new.T if spec.transposed else u.new).to(raw[u.layer].dtype) for u in ups}
+    per_req = [{"id": r.id, "tag": out.redact(r.target, r.id), "recalled_before": b.top1, "recalled_after": a.top1,
+                "status": request_status(b.top1, a.top1), "target_rank_after": a.rank, "neutral_rank_after": nr}
+               for r, b, a, nr in zip(requests, before, after, ranks)]
     salt = manifest.new_salt()
     commits = manifest.commitments(requests, salt)
-    per_req = [{"id": r.id, "tag": out.redact(r.target, r.id), "recalled_before": b.top1, "recalled_after": a.top1,
-                "target_rank_after": a.rank, "neutral_rank_after": nr}
-               for r, b, a, nr in zip(requests, before, after, ranks)]
-    predicate = {
-        "versions": manifest.versions(),
-        "source": {"path_name": ckpt.path.name, "files": source_digests},
-        "edit": {"variant": variant, "layers": layers,
-                 "layers_chosen_by": how, "neutral": opts.neutral, "hyperparameters": hp.to_dict(),
-                 "pinned_by_model": pinned,
-                 "sensitive": sens_kind, "seed": hp.seed, "context_templates": len(templates),
-                 "stats_corpus": {"source": "file" if opts.stats_corpus else "model-samples",
-                                  "digest": corpus_digest},
-                 "keep": {"prompts": len(keep), "retain_file": manifest.sha256_file(opts.retain)
-                          if opts.retain else None},
-                 "neutral_target_prob_min": round(float(z_prob.min()), 4), "locate": located},
-        "tensors": [{"name": u.name, "shape": list(edited[u.name].shape), "dtype": str(edited[u.name].dtype),
-                     "sha256_before": manifest.sha256_tensor(raw[u.layer]),
-                     "sha256_after": manifest.sha256_tensor(edited[u.name]), "rel_change": round(u.rel_change, 6),
-                     "solver": u.info}
-                    for u in ups],
-        "requests": {"count": n, "commitments": commits} if not opts.include_requests
-        else {"count": n, "commitments": commits, "plaintext": [r.canonical() for r in requests]},
-        "probes": {"recalled_before": sum(b.top1 for b in before), "recalled_after": sum(a.top1 for a in after),
-                   "neutral_top1_after": sum(r == 0 for r in ranks), "total": n},
-    }
-    write_checkpoint(ckpt, opts.out, edited, force=opts.force,
-                     finalize=lambda tmp: manifest.write_manifest(tmp, predicate, key))
+    predicate = manifest.edit_predicate(
+        source={"path_name": ckpt.name, "files": source_digests, **({"hub": ckpt.hub} if ckpt.hub else {})},
+        edit={"variant": variant, "layers": layers, "layers_chosen_by": how, "neutral": opts.neutral,
+              "hyperparameters": hp.to_dict(), "pinned_by_model": pinned, "sensitive": sens_kind, "seed": hp.seed,
+              "context_templates": len(templates),
+              "stats_corpus": {"source": "file" if opts.stats_corpus else "model-samples", "digest": corpus_digest},
+              "keep": {"prompts": len(keep), "retain_file": manifest.sha256_file(opts.retain) if opts.retain else None},
+              "neutral_target_prob_min": round(float(z_prob.min()), 4), "locate": located},
+        tensors=[{"name": u.name, "shape": list(edited[u.name].shape), "dtype": str(edited[u.name].dtype),
+                  "sha256_before": manifest.sha256_tensor(raw[u.layer]),
+                  "sha256_after": manifest.sha256_tensor(edited[u.name]), "rel_change": round(u.rel_change, 6),
+                  "solver": u.info} for u in ups],
+        requests=requests, commits=commits, include_plaintext=opts.include_requests,
+        probes={**status_counts(per_req), "recalled_before": sum(b.top1 for b in before),
+                "recalled_after": sum(a.top1 for a in after), "neutral_top1_after": sum(r == 0 for r in ranks),
+                "not_recalled_before_ids": [r["id"] for r in per_req if r["status"] == NOT_KNOWN]})
+    with out.progress("writing the checkpoint", len(list(ckpt.path.rglob("*")))) as advance:
+        write_checkpoint(ckpt, opts.out, edited, force=opts.force,
+                         finalize=lambda tmp: manifest.write_manifest(tmp, predicate, key), on_file=advance)
     manifest.write_receipt(receipt, salt, commits)
     t["write"] = time.perf_counter() - t0
     return UnlearnResult(out=opts.out, layers=layers, layers_how=how,
@@ -182,98 +200,31 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
                          keyid=key.keyid, pinned=pinned, variant=variant)
 
 
-@dataclass
-class VerifyOptions:
-    """What ``zu verify`` was asked to do."""
-
-    model: Path
-    forget: Path | None = None
-    public_key: Path | None = None
-    require_key: bool = False
-    baseline: Path | None = None
-    retain: Path | None = None
-    text: Path | None = None
-    deep: bool = False
-    criteria: Any = None  # verify.Criteria; None = defaults
-    device_map: str = "auto"
-    dtype: str = "auto"
-
-
-def run_verify(opts: VerifyOptions, out: Output):
-    """Integrity of the manifest first (when there is one), then the probes (when ``--forget`` is given).
+def _auto_layers(model, tok, spec, n_layers: int, requests, hp: Hyper, default: list[int], source: str,
+                 out: Output) -> tuple[list[int], str, dict[str, Any]]:
+    """``--layers auto``: the window causal tracing suggests, or ``default`` when it found no causal effect.
 
     Returns:
-        A VerifyReport; its ``exit_code`` is 4 on an integrity failure (probes are then skipped),
-        1 when a probe fails, else 0.
-
-    Raises:
-        ZuError subclasses for bad input (2) or an unreadable checkpoint (3).
+        (layers, how they were chosen, the tracing record for the manifest).
     """
-    import gc
+    from .locate import TraceSettings, locate
 
-    from . import manifest
-    from .checkpoint import load_model, open_checkpoint
-    from .integrity import check_integrity
-    from .keys import load_public_key
-    from .probes import read_text
-    from .requests import load_requests
-    from .verify import Criteria, VerifyReport, deep_report, judge, measure, metrics
-
-    crit = opts.criteria or Criteria()
-    pub = load_public_key(opts.public_key) if opts.public_key else None
-    requests = load_requests(opts.forget) if opts.forget else []
-    retain = load_requests(opts.retain) if opts.retain else []
-    report = VerifyReport(model=str(opts.model))
-    has_manifest = (opts.model / manifest.ENVELOPE).exists() or (opts.model / manifest.MANIFEST).exists()
-    if has_manifest or opts.forget is None or pub is not None or opts.require_key:
-        report.integrity = check_integrity(opts.model, pub, opts.require_key)
-        report.warnings += report.integrity.warnings
-        if not report.integrity.ok or opts.forget is None:
-            return report
-    else:
-        report.warnings.append(f"{opts.model}: no zu manifest; integrity not checked")
-    text = read_text(opts.text) if (opts.text or opts.baseline) else None
-    measured = {}
-    for role, path in (("after", opts.model), ("base", opts.baseline)):
-        if path is None:
-            continue
-        ckpt = open_checkpoint(path)
-        model, tok = load_model(ckpt, opts.device_map, None, None, opts.dtype)
-        out.info(f"probing {path} ({len(requests)} requests, {len(retain)} retained facts)")
-        measured[role] = measure(model, tok, ckpt.spec, requests, retain, text, opts.deep, crit)
-        del model  # one model in memory at a time
-        gc.collect()
-    after, base = measured["after"], measured.get("base")
-    report.requests, report.retain = judge(requests, retain, after, base, crit, out)
-    report.metrics = metrics(after, base, crit)
-    if opts.deep:
-        report.deep = deep_report(requests, after, base, crit, out)
-    return report
-
-
-def run_prove(model: Path, receipt: Path, forget: Path, out: Output) -> list[dict[str, Any]]:
-    """Which requests in ``forget`` the edit in ``model`` covered, shown redacted unless ``--reveal``.
-
-    Raises:
-        IntegrityError: the manifest does not verify or the receipt is another edit's (exit 4).
-    """
-    from .errors import IntegrityError
-    from .integrity import check_integrity, prove, read_manifest
-    from .requests import load_requests
-
-    report = check_integrity(Path(model))
-    if not report.ok:
-        raise IntegrityError(report.problems[0])
-    requests = load_requests(forget)
-    rows = prove(read_manifest(model), receipt, requests)
-    return [{**row, "tag": out.redact(r.target, r.id)} for row, r in zip(rows, requests)]
+    st = TraceSettings(seed=hp.seed)
+    scores, _ = locate(model, tok, spec, n_layers, requests, st, len(default), source, out)
+    record = {"effect": [round(e, 5) for e in scores.effect], "window": scores.window, "settings": asdict(st),
+              "requests_traced": len(scores.traced), "found": scores.found}
+    if not scores.found:
+        out.warn(f"--layers auto: causal tracing found no causal effect ({scores.reason}); editing the default "
+                 f"window {default}")
+        return default, "default (causal tracing found no effect)", record
+    return scores.window, "auto (causal tracing)", record
 
 
 @dataclass
 class LocateOptions:
     """What ``zu locate`` was asked to do."""
 
-    model: Path
+    model: str | Path
     forget: Path
     num_layers: int = 3
     settings: Any = None  # locate.TraceSettings; None = defaults
@@ -289,16 +240,19 @@ def run_locate(opts: LocateOptions, out: Output):
     """
     from . import manifest
     from .arch import num_layers
-    from .checkpoint import load_model, open_checkpoint
+    from .checkpoint import check_load_options, load_model, open_checkpoint
     from .locate import TraceSettings, locate
     from .requests import load_requests
 
+    check_load_options(opts.device_map, opts.dtype)
     requests = load_requests(opts.forget)
-    ckpt = open_checkpoint(opts.model)
+    with out.stage("opening the checkpoint"):
+        ckpt = open_checkpoint(opts.model)
     n_layers = num_layers(ckpt.spec, ckpt.config)
     if not 1 <= opts.num_layers <= n_layers:
         raise UsageError(f"--num-layers {opts.num_layers}: expected 1-{n_layers}")
-    model, tok = load_model(ckpt, opts.device_map, None, None, opts.dtype)
+    with out.stage("loading the model"):
+        model, tok = load_model(ckpt, opts.device_map, None, None, opts.dtype)
     source = manifest.sha256_file_list(manifest.dir_digests(ckpt.path))
     scores, cached = locate(model, tok, ckpt.spec, n_layers, requests, opts.settings or TraceSettings(),
                             opts.num_layers, source, out)

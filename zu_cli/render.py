@@ -12,25 +12,33 @@ from .console import Output
 
 
 def render_unlearn(res, out: Output) -> None:
-    """Show an UnlearnResult."""
+    """Show an UnlearnResult: one row per request with its status, the counts, where things went."""
     doc: dict[str, Any] = {"out": str(res.out), "receipt": str(res.receipt), "variant": res.variant,
                            "layers": res.layers, "layers_chosen_by": res.layers_how, "updates": res.updates,
-                           "requests": res.requests, "pinned_by_model": res.pinned, "timings_s": res.timings}
+                           "requests": res.requests, "counts": res.counts, "pinned_by_model": res.pinned,
+                           "timings_s": res.timings}
     if out.json_mode:
         out.emit_json(doc)
         return
     table = Table(title=f"zu unlearn -> {res.out}")
-    for col in ("request", "recalled before", "recalled after", "target rank", "neutral rank"):
+    for col in ("request", "status", "target rank", "neutral rank"):
         table.add_column(col)
+    style = {"forgotten": "green", "still recalled": "red"}
     for r in res.requests:
-        table.add_row(r["tag"], str(r["recalled_before"]), str(r["recalled_after"]), str(r["target_rank_after"]),
-                      str(r["neutral_rank_after"]))
+        st = r["status"]
+        table.add_row(r["tag"], f"[{style[st]}]{st}[/{style[st]}]" if st in style else f"[yellow]{st}[/yellow]",
+                      str(r["target_rank_after"]), str(r["neutral_rank_after"]))
     out.err.print(table)
     for u in res.updates:
         out.err.print(f"  {u['name']}: ||dW||/||W|| = {u['rel_change']:.4f}")
-    forgotten = sum(not r["recalled_after"] for r in res.requests)
-    out.err.print(f"[bold]{forgotten}/{len(res.requests)} forgotten[/bold]; layers {res.layers} "
-                  f"({res.layers_how}); manifest in {res.out}/zu-manifest.json; receipt {res.receipt}")
+    c = res.counts
+    known = c["total"] - c["not_recalled_before"]
+    line = f"[bold]{c['forgotten']}/{known} forgotten[/bold]"
+    if c["not_recalled_before"]:
+        line += (f" ({c['not_recalled_before']} of {c['total']} not recalled before the edit: nothing to forget, "
+                 "not counted)")
+    out.err.print(f"{line}; layers {res.layers} ({res.layers_how}); manifest in {res.out}/zu-manifest.json; "
+                  f"receipt {res.receipt}")
     if res.pinned:
         out.err.print(f"settings measured for this model (docs/method.md): {', '.join(res.pinned)}; "
                       "set them in --config to override")
@@ -53,27 +61,36 @@ def render_demo(res, out: Output) -> None:
             status = "[green]kept[/green]" if same else "[red]lost[/red]"
         table.add_row(row["prompt"], row["target"], row["before"], row["after"], status)
     out.err.print(table)
-    out.err.print(f"forgotten {res.forgotten}/{res.n_forget}; other facts kept {res.kept}/{res.n_keep}; "
+    out.err.print(f"forgotten {res.forgotten}/{res.n_forget}; other facts kept {res.kept}/{res.n_keep} ({min(len(res.rows) - res.n_forget, res.n_keep)} shown); "
                   f"model {res.model_dir} ({'cached' if res.cached else f'trained in {res.train_seconds:.0f}s'})")
 
 
-def render_verify(report, out: Output, junit: Path | None = None) -> None:
-    """Show a VerifyReport (table or JSON) and write the JUnit file when asked."""
-    if junit is not None:
-        write_junit(report, junit)
+def render_integrity(integ, out: Output) -> None:
+    """The integrity verdict, once, as soon as it is known (before any probe runs)."""
+    if out.json_mode:
+        return
+    if integ.ok:
+        out.err.print(f"integrity: [green]intact[/green]; signer {integ.keyid}{' (pinned)' if integ.pinned else ''}; "
+                      f"{integ.files} files, {integ.tensors} edited tensors checked")
+    else:
+        out.err.print(f"integrity: [red]FAILED[/red] ({len(integ.problems)} problem"
+                      f"{'s' if len(integ.problems) > 1 else ''})")
+        for p in integ.problems:
+            out.err.print(f"  [red]x[/red] {p}")
+    for w in integ.warnings:
+        out.warn(w)
+
+
+def render_verify(report, out: Output) -> None:
+    """Show a VerifyReport's probes and metrics (the integrity verdict was shown by ``render_integrity``)
+    and end with one verdict line."""
     if out.json_mode:
         out.emit_json(report.to_json())
         return
-    integ = report.integrity
-    if integ is not None:
-        state = "[green]intact[/green]" if integ.ok else "[red]FAILED[/red]"
-        out.err.print(f"integrity: {state}; signer {integ.keyid or '?'}"
-                      f"{' (pinned)' if integ.pinned else ''}; {integ.files} files, {integ.tensors} edited tensors "
-                      "checked")
-        for p in integ.problems:
-            out.err.print(f"  [red]x[/red] {p}")
+    integ_warnings = set(report.integrity.warnings) if report.integrity is not None else set()
     for w in report.warnings:
-        out.warn(w)
+        if w not in integ_warnings:
+            out.warn(w)
     if report.requests or report.retain:
         table = Table(title=f"zu verify {report.model}")
         for col in ("probe", "result", "detail", "rank", "base rank"):
@@ -97,14 +114,35 @@ def render_verify(report, out: Output, junit: Path | None = None) -> None:
         d = report.deep
         out.err.print(f"logit lens: targets decodable (rank < {d['k']}) per layer, after: {d['decodable_after']}"
                       + (f"; before: {d['decodable_before']}" if d["decodable_before"] else ""))
+    out.err.print(verdict_line(report))
+
+
+def verdict_line(report) -> str:
+    """The last line of ``zu verify``: what passed, what failed, the exit code."""
     s = report.to_json()["summary"]
+    code = report.exit_code
+    if code == 4:
+        return "[bold red]verify: FAILED[/bold red] integrity (exit 4); no probe ran"
+    known = [r for r in report.requests if r["status"] != "not recalled before the edit"]
+    gone = sum(r["status"] == "forgotten" for r in known)
+    parts = [f"{gone}/{len(known)} requests forgotten"] if report.requests else []
+    if len(known) < len(report.requests):
+        parts.append(f"{len(report.requests) - len(known)} not recalled before the edit (skipped)")
     if s["probes"]:
-        out.err.print(f"[bold]{s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped[/bold]")
+        parts.append(f"{s['passed']} probes passed, {s['failed']} failed, {s['skipped']} skipped")
+    head = "[bold green]verify: ok[/bold green]" if code == 0 else "[bold red]verify: FAILED[/bold red]"
+    return f"{head} (exit {code}): " + ("; ".join(parts) or "integrity only")
 
 
 def write_junit(report, path: Path) -> None:
-    """JUnit XML, one test case per probe (names carry no sensitive text unless --reveal filled ``text``)."""
+    """JUnit XML, one test case per probe (names carry no sensitive text unless --reveal filled ``text``).
+
+    Raises:
+        OutputError: the file (or its folder) cannot be written (exit 6, never a probe failure).
+    """
     import xml.etree.ElementTree as ET
+
+    from .errors import OutputError
 
     probes = report.all_probes()
     integ = report.integrity
@@ -123,9 +161,17 @@ def write_junit(report, path: Path) -> None:
             ET.SubElement(case, "skipped", message=p.detail)
         if p.text:
             ET.SubElement(case, "system-out").text = p.text
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    ET.ElementTree(suite).write(tmp, encoding="utf-8", xml_declaration=True)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ET.ElementTree(suite).write(tmp, encoding="utf-8", xml_declaration=True)
+        tmp.replace(path)
+    except OSError as exc:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise OutputError(f"--junit {path}: cannot write the report ({exc.strerror or exc})",
+                          hint="the probes ran; choose a writable path") from exc
 
 
 def render_manifest(stmt: dict[str, Any], out: Output) -> None:
@@ -146,12 +192,27 @@ def render_manifest(stmt: dict[str, Any], out: Output) -> None:
     out.err.print("edited tensors:")
     for t in p.get("tensors", []):
         out.err.print(f"  {t['name']}  {'x'.join(map(str, t['shape']))} {t['dtype']}  "
-                      f"||dW||/||W|| {t['rel_change']:.4g}  sha256 {t['sha256_after'][:16]}…", soft_wrap=True)
+                      f"||dW||/||W|| {t['rel_change']:.4g}  sha256 {t['sha256_after'][:16]}…")
     r, pr = p.get("requests", {}), p.get("probes", {})
-    out.err.print(f"requests: {r.get('count')} (salted commitments{'; plaintext included' if 'plaintext' in r else ''})"
-                  f"; recalled before {pr.get('recalled_before')}, after {pr.get('recalled_after')}, "
-                  f"neutral top-1 after {pr.get('neutral_top1_after')}")
+    out.err.print(f"requests: {r.get('count')} (salted commitments{'; plaintext included' if 'plaintext' in r else ''})")
+    out.err.print("probes at edit time: " + probe_summary(pr))
     out.err.print(f"files: {len(stmt.get('subject', []))} listed with sha256")
+
+
+def probe_summary(pr: dict[str, Any]) -> str:
+    """The manifest's probe counts in words; a request the model did not recall before is not 'forgotten'.
+
+    Manifests written before the per-request status have only recalled_before / recalled_after.
+    """
+    total = pr.get("total")
+    if "forgotten" in pr:
+        known = total - pr["not_recalled_before"]
+        text = f"{pr['forgotten']}/{known} forgotten, {pr['still_recalled']} still recalled"
+        if pr["not_recalled_before"]:
+            text += f", {pr['not_recalled_before']} not recalled before the edit"
+    else:
+        text = f"recalled before {pr.get('recalled_before')}/{total}, after {pr.get('recalled_after')}/{total}"
+    return text + f"; neutral target top-1 after the edit {pr.get('neutral_top1_after')}/{total}"
 
 
 def render_prove(rows: list[dict[str, Any]], out: Output) -> None:
@@ -174,14 +235,24 @@ def check_plot() -> None:
 
 
 def render_locate(scores, cached: bool, out: Output, plot: Path | None = None) -> None:
-    """Per-layer indirect effects as a table with bars (or JSON); optional PNG heatmap."""
+    """Per-layer indirect effects as a table with bars (or JSON); optional PNG heatmap.
+
+    When tracing found no causal effect it says so, and suggests no window.
+    """
     if plot is not None:
         write_plot(scores, plot)
     doc = {"layers": scores.layers, "effect": scores.effect, "recovered": scores.recovered,
-           "window": scores.window, "noise_std": scores.noise_std, "cached": cached,
-           "requests": scores.requests}
+           "window": scores.window, "found": scores.found, "reason": scores.reason, "noise_std": scores.noise_std,
+           "cached": cached, "requests": scores.requests}
     if out.json_mode:
         out.emit_json(doc)
+        return
+    for q in scores.requests:
+        if not q["recalled"]:
+            out.warn(f"{q['tag']}: not recalled (its answer is not the model's top prediction): not traced")
+    if not scores.found:
+        out.err.print(f"[yellow]no causal effect found[/yellow]: {scores.reason}; no window suggested "
+                      f"({len(scores.traced)} of {len(scores.requests)} requests traced{', cached' if cached else ''})")
         return
     top = max(max(scores.effect), 1e-9)
     table = Table(title="causal tracing: mean indirect effect of restoring each layer")
@@ -192,9 +263,9 @@ def render_locate(scores, cached: bool, out: Output, plot: Path | None = None) -
         style = "bold green" if l in scores.window else ""
         table.add_row(str(l), f"{e:.4f}", f"{100 * r:.0f}%", f"[{style}]{bar}[/{style}]" if style else bar)
     out.err.print(table)
-    out.err.print(f"suggested window: layers {scores.window} ({len(scores.requests)} requests traced"
-                  f"{', cached' if cached else ''}); use it with `zu unlearn --layers "
-                  f"{','.join(map(str, scores.window))}` or `--layers auto`")
+    out.err.print(f"suggested window: layers {scores.window} ({len(scores.traced)} of {len(scores.requests)} requests "
+                  f"traced{', cached' if cached else ''}); use it with `zu unlearn --layers "
+                  f"{scores.window[0]}-{scores.window[-1]}` or `--layers auto`")
 
 
 def write_plot(scores, path: Path) -> None:

@@ -50,6 +50,11 @@ class Request:
     neutral: str | None = None
     where: str = field(default="", compare=False)
 
+    def identity(self) -> dict[str, Any]:
+        """What names the request, without the probes that may travel with it (commitments)."""
+        return {"id": self.id, "prompt": self.prompt, "subject": self.subject, "target": self.target,
+                "neutral": self.neutral}
+
     def canonical(self) -> dict[str, Any]:
         """The request as a canonical mapping (for commitments and manifests)."""
         return {"id": self.id, "prompt": self.prompt, "subject": self.subject, "target": self.target,

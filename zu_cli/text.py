@@ -80,6 +80,14 @@ def subject_positions(tok, text: str, subject: str) -> list[int]:
     return [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
 
 
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name under which this transformers version passes (and returns) the KV cache:
+    ``cache`` (5.x, where ``past_key_values`` is deprecated and warns) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int, generator: torch.Generator,
            top_k: int = 5, batch_size: int = 64) -> list[list[int]]:
@@ -106,6 +114,7 @@ def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int, generat
     enc = [encode(tok, s) for s in seeds]
     batch = left_pad(enc, tok.pad_token_id, dev)
     mask, pos = batch.mask, batch.pos
+    cache_arg = cache_kwarg(model)
     out = model(**batch.kwargs(), use_cache=True, logits_to_keep=1)
     new = []
     for step in range(n_tokens):
@@ -119,8 +128,8 @@ def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int, generat
         nxt = nxt.to(dev)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values,
-                    use_cache=True, logits_to_keep=1)
+        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                    **{cache_arg: out[cache_arg]})
     gen = torch.cat(new, dim=1).tolist()
     return [e + g for e, g in zip(enc, gen)]
 

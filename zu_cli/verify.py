@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .console import Output, short_hash
-from .errors import EXIT_INTEGRITY, EXIT_OK, EXIT_VERIFY_FAILED, IntegrityError, VerificationFailed
+from .errors import EXIT_INTEGRITY, EXIT_OK, EXIT_VERIFY_FAILED
 from .probes import Probe, greedy, lens_ranks, perplexity, probe, says
 
 
@@ -126,22 +126,11 @@ class VerifyReport:
             return EXIT_INTEGRITY
         return EXIT_VERIFY_FAILED if any(p.passed is False for p in self.all_probes()) else EXIT_OK
 
-    def raise_for_status(self) -> None:
-        """Raise the error matching ``exit_code`` (the CLI turns it into the message and the code)."""
-        if self.exit_code == EXIT_INTEGRITY:
-            probs = self.integrity.problems
-            more = f" (and {len(probs) - 1} more)" if len(probs) > 1 else ""
-            raise IntegrityError(probs[0] + more, hint="see `zu verify --json` for every problem")
-        if self.exit_code == EXIT_VERIFY_FAILED:
-            failed = [p.name for p in self.all_probes() if p.passed is False]
-            raise VerificationFailed(f"{len(failed)} probe(s) failed: {', '.join(failed[:5])}"
-                                     + (" ..." if len(failed) > 5 else ""))
-
     def to_json(self) -> dict[str, Any]:
         """The JSON document (docs/verify.md)."""
         probes = self.all_probes()
         return {"model": self.model, "exit_code": self.exit_code,
-                "integrity": None if self.integrity is None else asdict(self.integrity),
+                "integrity": None if self.integrity is None else self.integrity.to_json(),
                 "requests": [{**r, "probes": [asdict(p) for p in r["probes"]]} for r in self.requests],
                 "retain": [asdict(p) for p in self.retain],
                 "metrics": {k: v for k, v in self.metrics.items() if k != "gates"},
@@ -152,6 +141,9 @@ class VerifyReport:
                             "skipped": sum(p.passed is None for p in probes)}}
 
 
+NOT_KNOWN = "not recalled before the edit"
+
+
 def _kept(name: str, kind: str, p: Probe, b: Probe | None) -> ProbeResult:
     if b is not None and not b.top1:
         return ProbeResult(name, kind, None, "base model did not answer it either", p.rank, p.prob_first, p.prob,
@@ -160,27 +152,47 @@ def _kept(name: str, kind: str, p: Probe, b: Probe | None) -> ProbeResult:
                        p.rank, p.prob_first, p.prob, b.rank if b else None)
 
 
-def _gone(name: str, kind: str, p: Probe, b: Probe | None, crit: Criteria) -> ProbeResult:
+def _gone(name: str, kind: str, p: Probe, b: Probe | None, crit: Criteria, known: bool = True) -> ProbeResult:
+    """A must-be-forgotten probe; skipped (never a pass) when the model did not recall it before the edit."""
+    if not known or (b is not None and not crit.recalled(b)):
+        return ProbeResult(name, kind, None, NOT_KNOWN, p.rank, p.prob_first, p.prob, b.rank if b else None)
     rec = crit.recalled(p)
     return ProbeResult(name, kind, not rec, f"recalled: rank {p.rank}, p={p.prob:.3g}" if rec
                        else f"forgotten: rank {p.rank}, p={p.prob:.3g}", p.rank, p.prob_first, p.prob,
                        b.rank if b else None)
 
 
+def _status(forget: ProbeResult) -> str:
+    """A request's outcome from its ``forget`` probe: forgotten, still recalled, or not recalled before."""
+    return NOT_KNOWN if forget.passed is None else "forgotten" if forget.passed else "still recalled"
+
+
 def judge(requests: list, retain: list, after: Measure, base: Measure | None, crit: Criteria,
-          out: Output) -> tuple[list[dict[str, Any]], list[ProbeResult]]:
+          out: Output, unknown: set[str] = frozenset()) -> tuple[list[dict[str, Any]], list[ProbeResult]]:
     """Verdicts per request (forget, greedy, paraphrases, neighbours) and per retained fact.
 
     Names are ``<id>#<hash of target>/<probe>``: no sensitive text unless ``out.reveal``.
+
+    Args:
+        unknown: ids of requests the edit's manifest records as not recalled before the edit
+            (used when there is no ``--baseline`` to measure it).
+
+    Returns:
+        (per request ``{"id", "tag", "status", "passed", "probes"}``, retained-fact verdicts). A
+        request the model did not recall before the edit is skipped, never counted forgotten.
     """
     rows = []
     for i, r in enumerate(requests):
         tag = f"{r.id}{short_hash(r.target)}"
         b = base  # short name: used on every probe below
-        probes = [_gone(f"{tag}/forget", "forget", after.forget[i], b.forget[i] if b else None, crit)]
+        forget = _gone(f"{tag}/forget", "forget", after.forget[i], b.forget[i] if b else None, crit,
+                       known=r.id not in unknown)
         said = says(after.continuation[i], r.target)
-        probes.append(ProbeResult(f"{tag}/greedy", "greedy", not said, "greedy text still says the target" if said
-                                  else "greedy text does not say the target"))
+        greedy = ProbeResult(f"{tag}/greedy", "greedy", not said, "greedy text still says the target" if said
+                             else "greedy text does not say the target")
+        if forget.passed is None:
+            greedy.passed, greedy.detail = None, NOT_KNOWN
+        probes = [forget, greedy]
         probes += [_gone(f"{tag}/paraphrase-{j + 1}", "paraphrase", p, b.para[i][j] if b else None, crit)
                    for j, p in enumerate(after.para[i])]
         probes += [_kept(f"{tag}/neighbor-{j + 1}", "neighbor", p, b.nbr[i][j] if b else None)
@@ -191,8 +203,8 @@ def judge(requests: list, retain: list, after: Measure, base: Measure | None, cr
                      + [f"{n.prompt} -> {n.target}" for n in r.neighbors])
             for p, t in zip(probes, texts):
                 p.text = t
-        rows.append({"id": r.id, "tag": out.redact(r.target, r.id), "passed": all(p.passed is not False
-                                                                              for p in probes), "probes": probes})
+        rows.append({"id": r.id, "tag": out.redact(r.target, r.id), "status": _status(forget),
+                     "passed": all(p.passed is not False for p in probes), "probes": probes})
     kept = [_kept(f"{r.id}{short_hash(r.target)}/retain", "retain", p, base.retain[i] if base else None)
             for i, (r, p) in enumerate(zip(retain, after.retain))]
     if out.reveal:
