@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from hubcache import COMMIT, hub_cache
 from zu_cli.cli import app
 
 runner = CliRunner()
@@ -231,27 +232,8 @@ def test_unlearn_accepts_layer_ranges(tiny_models, tmp_path):
     assert json.loads(res.stdout)["layers"] == [1, 2]
 
 
-def hub_cache(root: Path, repo_id: str, model_dir: Path, commit: str = "c0ffee" * 6 + "abcd") -> Path:
-    """A Hugging Face cache in the hub's own layout (blobs, snapshots of links, refs/main) holding ``model_dir``."""
-    import hashlib
-
-    repo = root / "hub" / ("models--" + repo_id.replace("/", "--"))
-    snap = repo / "snapshots" / commit
-    (repo / "blobs").mkdir(parents=True)
-    snap.mkdir(parents=True)
-    for f in sorted(model_dir.rglob("*")):
-        if f.is_file():
-            blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
-            shutil.copyfile(f, blob)
-            (snap / f.relative_to(model_dir)).parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(os.path.relpath(blob, (snap / f.relative_to(model_dir)).parent), snap / f.relative_to(model_dir))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    return root
-
-
 def test_hub_model_ids_come_from_the_hf_cache_offline(tiny_models, tmp_path):
-    hf_home = hub_cache(tmp_path / "hf", "zu-test/tiny-llama", tiny_models["llama"])
+    hf_home = hub_cache(tmp_path / "hf", "zu-test/tiny-llama", tiny_models["llama"])  # tests/hubcache.py
     (tmp_path / "fast.yaml").write_text(FAST)
     req = _req(tmp_path, [{"id": "a", "prompt": "The quick brown fox", "subject": "fox", "target": "jumps"}])
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
@@ -262,7 +244,7 @@ def test_hub_model_ids_come_from_the_hf_cache_offline(tiny_models, tmp_path):
                                 "--json"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     source = json.loads((tmp_path / "o" / "zu-manifest.json").read_text())["predicate"]["source"]
-    assert source["hub"] == {"repo_id": "zu-test/tiny-llama", "revision": "c0ffee" * 6 + "abcd"}
+    assert source["hub"] == {"repo_id": "zu-test/tiny-llama", "revision": COMMIT}
     assert source["path_name"] == "zu-test/tiny-llama"
     snapshot = next((hf_home / "hub").glob("models--*/snapshots/*"))
     assert all(p.is_symlink() for p in snapshot.iterdir())  # the cache is untouched: zu writes elsewhere

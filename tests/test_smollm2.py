@@ -156,3 +156,28 @@ def test_smollm2_multi_all_dev_facts(smollm2, tmp_path):
     assert report["para"] <= 0.40, report
     assert report["nbr_kept"] >= 0.70, report
     assert report["ppl_ratio"] <= 1.05, report
+
+
+def test_readme_quick_start_runs_as_pasted(smollm2, tmp_path):
+    """README.md's quick start, verbatim, in an empty folder with a fresh HOME and SmolLM2 in a
+    Hugging Face cache (the hub's layout, offline): every command exits 0, as for a new user."""
+    import os
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from hubcache import hub_cache
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "zu unlearn" in b)
+    hf = hub_cache(tmp_path / "hf", "HuggingFaceTB/SmolLM2-135M-Instruct", smollm2)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ZU_CONFIG_DIR", "ZU_SIGNING_KEY", "XDG_CONFIG_HOME", "HF_HUB_CACHE")}
+    env.update(HOME=str(tmp_path / "home"), HF_HOME=str(hf), HF_HUB_OFFLINE="1")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "work").mkdir()
+    proc = subprocess.run(["bash", "-eo", "pipefail", "-c", block], cwd=tmp_path / "work", env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "work" / "reports" / "verify.xml").is_file()
+    assert "verify: ok" in proc.stderr and "part of this edit" in proc.stderr

@@ -224,6 +224,10 @@ def run_demo(n_forget: int, out: Output) -> DemoResult:
 
     Every other fact of the model is probed; the table shows the forgotten ones and ``SHOWN`` others.
     """
+    with out.stage("loading torch and transformers"):  # seconds of imports: the first thing a user sees
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
     from .config import Hyper
     from .keys import ephemeral
     from .pipeline import UnlearnOptions, run_unlearn
