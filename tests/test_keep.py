@@ -206,7 +206,7 @@ def test_name_pool_holds_the_names_the_model_writes_and_is_cached(tiny_models, m
     model, tok = load_model(ckpt, device_map="cpu", dtype="float32")
     ids = tok(TEXT, add_special_tokens=False)["input_ids"]
     calls = []
-    monkeypatch.setattr(keep, "sample", lambda m, t, seeds, n, gen: calls.append(len(seeds)) or [ids] * len(seeds))
+    monkeypatch.setattr(keep, "sample", lambda m, t, seeds, n, gen, **kw: calls.append(len(seeds)) or [ids] * len(seeds))
     hp = Hyper(swap_texts=3, seed=1)
     assert keep.name_pool(model, tok, hp, "src") == ["France", "Le Havre", "Paris", "Seine"]
     assert calls == [3]

@@ -12,9 +12,9 @@ import random
 import torch
 
 from .config import Hyper
-from .console import Output
+from .console import Output, silent
 from .stats import KEY_SUFFIX, cache_dir, cached_moments, collect_stats, second_moments
-from .text import encode, sample
+from .text import encode, sample, sample_steps
 
 # Seeds that make a model name people, places and organisations. Sampled general text names
 # few of them, and a neighbour's subject shares key directions with the forgotten subjects
@@ -138,7 +138,8 @@ def entity_moments(model, tok, spec, layers, biases, hp: Hyper, source: str, out
     def compute(need: list[int], key_mods: tuple[str, ...]) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(hp.seed)
         seeds = [ENTITY_SEEDS[i % len(ENTITY_SEEDS)] for i in range(hp.entity_samples)]
-        seqs = sample(model, tok, seeds, hp.entity_len, gen)
+        with out.progress("sampling name-eliciting text", sample_steps(len(seeds), hp.entity_len)) as adv:
+            seqs = sample(model, tok, seeds, hp.entity_len, gen, advance=adv)
         return second_moments(model, seqs, [names[l] for l in need], {names[l]: biases[l] for l in need},
                               tok.pad_token_id, out, key_modules=key_mods, label="entity statistics",
                               select=[entity_mask(tok, s) for s in seqs])
@@ -162,7 +163,7 @@ def name_spans(tok, ids: list[int]) -> list[str]:
     return spans + ([tok.decode(cur).strip()] if cur else [])
 
 
-def name_pool(model, tok, hp: Hyper, source: str) -> list[str]:
+def name_pool(model, tok, hp: Hyper, source: str, out: Output | None = None) -> list[str]:
     """Distinct names the model writes after ``ENTITY_SEEDS`` (``swap_texts`` texts of ``NAME_LEN``
     tokens, seeded), sorted; cached as JSON under ``ZU_CACHE_DIR`` keyed by the source weights.
 
@@ -182,7 +183,9 @@ def name_pool(model, tok, hp: Hyper, source: str) -> list[str]:
     except (OSError, ValueError):  # absent or damaged: recomputed
         pass
     gen = torch.Generator().manual_seed(hp.seed)
-    seqs = sample(model, tok, [ENTITY_SEEDS[i % len(ENTITY_SEEDS)] for i in range(hp.swap_texts)], NAME_LEN, gen)
+    with (out or silent()).progress("sampling names", sample_steps(hp.swap_texts, NAME_LEN)) as adv:
+        seqs = sample(model, tok, [ENTITY_SEEDS[i % len(ENTITY_SEEDS)] for i in range(hp.swap_texts)], NAME_LEN, gen,
+                      advance=adv)
     names = sorted({n for s in seqs for n in name_spans(tok, s) if len(n) > 2 and n not in NOT_NAMES})
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
@@ -226,7 +229,7 @@ def swap_moments(model, tok, spec, layers, biases, hp: Hyper, requests: list, so
         (layer -> G, layer -> E[k k^T] or empty), both empty when no prompt can be built. Not
         cached: the prompts depend on the requests (the name pool is cached).
     """
-    prompts = swap_prompts(requests, name_pool(model, tok, hp, source), hp.swap_names, hp.seed)
+    prompts = swap_prompts(requests, name_pool(model, tok, hp, source, out), hp.swap_names, hp.seed)
     return keep_moments(model, tok, spec, layers, biases, prompts, out, keys=keys, label="swap statistics")
 
 

@@ -90,8 +90,6 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
         ZuError subclasses: bad input (2), checkpoint problems (3), numerical failure (5), an
         output that cannot be written (6); nothing is written in any of these cases.
     """
-    import torch
-
     from . import edit, manifest, update
     from .arch import known_settings, num_layers, parse_layers, resolve_layers
     from .checkpoint import check_load_options, check_out, load_model, open_checkpoint, write_checkpoint
@@ -131,12 +129,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
         layers, how, located = _auto_layers(model, tok, spec, n_layers, requests, hp, layers, source, out)
     # what was measured best for this model's window, where the user set nothing
     hp, pinned, sens_kind = known_settings(spec, ckpt.config, n_layers, layers, hp, opts.multi)
-    raw, weights, biases = {}, {}, {}
-    for l in layers:
-        raw[l] = ckpt.read_tensor(spec.down_proj_weight(l))  # as stored: hashed for the manifest
-        weights[l] = raw[l].T if spec.transposed else raw[l]  # (d, f): output = W @ key
-        bname = spec.down_proj_module(l) + ".bias"
-        biases[l] = ckpt.read_tensor(bname).to(torch.float32) if spec.bias and bname in ckpt.weight_map else None
+    raw, weights, biases = update.read_weights(ckpt, spec, layers)
     t["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -11,10 +11,10 @@ from typing import Any, Callable
 import torch
 
 from .config import Hyper
-from .console import Output
+from .console import Output, silent
 from .errors import InputFileError
 from .hooks import TraceDict
-from .text import as_tokens, input_device, left_pad, sample
+from .text import as_tokens, input_device, left_pad, sample, sample_steps
 
 KEY_SUFFIX = ":kkT"  # names E[k k^T] next to a module's G in the cache and in second_moments' result
 SEED_WORDS = ["The", "In", "A", "It", "He", "She", "They", "This", "We", "When", "After", "Many"]
@@ -67,7 +67,7 @@ def samples_digest(n_samples: int, length: int, seed: int) -> str:
 
 
 def corpus_tokens(model, tok, corpus: str | None, n_samples: int, length: int, max_tokens: int,
-                  seed: int) -> tuple[list[list[int]], str]:
+                  seed: int, out: Output | None = None) -> tuple[list[list[int]], str]:
     """Token sequences for the statistics and a digest naming them.
 
     Without a corpus, text is sampled from the model itself (deterministic for ``seed``), so no
@@ -76,7 +76,8 @@ def corpus_tokens(model, tok, corpus: str | None, n_samples: int, length: int, m
     if corpus is None:
         gen = torch.Generator().manual_seed(seed)
         seeds = [SEED_WORDS[i % len(SEED_WORDS)] for i in range(n_samples)]
-        return sample(model, tok, seeds, length, gen), samples_digest(n_samples, length, seed)
+        with (out or silent()).progress("sampling text for the statistics", sample_steps(n_samples, length)) as adv:
+            return sample(model, tok, seeds, length, gen, advance=adv), samples_digest(n_samples, length, seed)
     texts, digest = read_corpus(corpus)
     seqs, total = [], 0
     for t in texts:
@@ -217,7 +218,7 @@ def collect_stats(model, tok, spec, layers, biases, hp: Hyper, corpus: str | Non
     def compute(need: list[int], key_mods: tuple[str, ...]) -> dict[str, torch.Tensor]:
         nonlocal seqs
         if seqs is None:
-            seqs, _ = corpus_tokens(model, tok, None, hp.stats_samples, hp.stats_len, hp.stats_max_tokens, hp.seed)
+            seqs, _ = corpus_tokens(model, tok, None, hp.stats_samples, hp.stats_len, hp.stats_max_tokens, hp.seed, out)
         return second_moments(model, seqs, [names[l] for l in need], {names[l]: biases[l] for l in need},
                               tok.pad_token_id, out, key_modules=key_mods)
 

@@ -90,7 +90,7 @@ def cache_kwarg(model: torch.nn.Module) -> str:
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int, generator: torch.Generator,
-           top_k: int = 5, batch_size: int = 64) -> list[list[int]]:
+           top_k: int = 5, batch_size: int = 64, advance=None) -> list[list[int]]:
     """Sample continuations of ``seeds`` with top-k sampling, deterministic for a given generator.
 
     Args:
@@ -103,13 +103,14 @@ def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int, generat
         batch_size: samples generated together. The KV cache grows with it: the statistics'
             200 samples of 64 tokens in one batch took a cold run on SmolLM2-135M fp32 to a
             1,961 MiB peak; 64 at a time keeps it under 2x the checkpoint (bench/unlearn.py --cold).
+        advance: called once per generated token of a batch (``sample_steps`` in all), for progress.
 
     Returns:
         For each seed, its prompt ids followed by the generated ids.
     """
     if len(seeds) > batch_size:
         return [s for b in range(0, len(seeds), batch_size)
-                for s in sample(model, tok, seeds[b:b + batch_size], n_tokens, generator, top_k, batch_size)]
+                for s in sample(model, tok, seeds[b:b + batch_size], n_tokens, generator, top_k, batch_size, advance)]
     dev = input_device(model)
     enc = [encode(tok, s) for s in seeds]
     batch = left_pad(enc, tok.pad_token_id, dev)
@@ -123,6 +124,8 @@ def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int, generat
         pick = torch.multinomial(top.values.softmax(-1), 1, generator=generator)  # (B, 1)
         nxt = top.indices.gather(-1, pick)
         new.append(nxt)
+        if advance is not None:
+            advance()
         if step == n_tokens - 1:
             break
         nxt = nxt.to(dev)
@@ -132,6 +135,11 @@ def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int, generat
                     **{cache_arg: out[cache_arg]})
     gen = torch.cat(new, dim=1).tolist()
     return [e + g for e, g in zip(enc, gen)]
+
+
+def sample_steps(n_seeds: int, n_tokens: int, batch_size: int = 64) -> int:
+    """How many times ``sample`` calls ``advance`` for ``n_seeds`` samples of ``n_tokens``."""
+    return n_tokens * -(-n_seeds // batch_size)
 
 
 def neutral_ids(tok, requests: list, default: str) -> list[list[int]]:

@@ -30,6 +30,22 @@ from .solve import (MultiWeights, closed_form, guard, multi_exact, multi_gradien
 Solver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
 
 
+def read_weights(ckpt, spec: ArchSpec, layers: list[int]) -> tuple[dict, dict, dict]:
+    """The edited layers' down-projections as stored, as the solvers see them, and their biases.
+
+    Returns:
+        (layer -> weight exactly as stored (hashed for the manifest), layer -> W (d, f) in the
+        output = W @ key orientation, layer -> bias float32 or None).
+    """
+    raw, weights, biases = {}, {}, {}
+    for l in layers:
+        raw[l] = ckpt.read_tensor(spec.down_proj_weight(l))
+        weights[l] = raw[l].T if spec.transposed else raw[l]  # (d, f)
+        bname = spec.down_proj_module(l) + ".bias"
+        biases[l] = ckpt.read_tensor(bname).to(torch.float32) if spec.bias and bname in ckpt.weight_map else None
+    return raw, weights, biases
+
+
 @contextlib.contextmanager
 def applied(model, spec: ArchSpec, new_weights: dict[int, torch.Tensor],
             biases: dict[int, torch.Tensor | None]) -> Iterator[None]:
