@@ -22,6 +22,8 @@ class Hyper:
     ``z_weight_decay`` the delta's squared norm; stop early once the neutral target's mean
     probability reaches ``z_stop_prob`` (each request on its own). ``optim_dtype``: precision of
     the optimisation's forward passes (``auto``: bfloat16 autocast where the device does it fast);
+    ``prefix_cache``: run the tokens before each lookup token once and keep their keys and values
+    (they cannot change with the delta) instead of recomputing them every step (prefix.py);
     Requests are optimised in batches (memory grows with a batch, results do not change):
     ``batch_requests`` at a time, or with 0 as many as keep about ``activation_budget`` times the
     model's weight bytes for the backward pass (at least one request per batch).
@@ -67,6 +69,7 @@ class Hyper:
     z_weight_decay: float = 0.5
     z_stop_prob: float = 0.95
     optim_dtype: str = "auto"
+    prefix_cache: bool = True
     batch_requests: int = 0
     activation_budget: float = 0.25
     sens_steps: int = 25

@@ -13,6 +13,7 @@ from .budget import bytes_per_token, model_bytes, optim_autocast, optim_dtype, p
 from .config import Hyper
 from .console import Output
 from .hooks import Trace, TraceDict, replay_below
+from .prefix import row_batch
 from .requests import Request
 from .text import as_tokens, encode, encode_target, input_device, left_pad, sample, subject_positions
 
@@ -171,8 +172,9 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
     allrows = _concat(rows, kl) if kl is not None and kl.seqs else rows
     n_main = len(rows.seqs)
     dev = input_device(model)
-    batch = left_pad(allrows.seqs, tok.pad_token_id, dev)
-    look = (torch.tensor(allrows.lookup) + batch.offset.cpu()).to(dev)
+    # Only the lookup token onwards depends on the delta: the prefixes run once (prefix.py).
+    batch = row_batch(model, allrows.seqs, allrows.lookup, tok.pad_token_id, dev, cached=hp.prefix_cache)
+    look = batch.look
     owner = torch.tensor(allrows.owner, device=dev)
     keep = max(len(t) for t in rows.targets)  # vocabulary projection only where a loss is taken
     # Positions (within the kept logits) predicting each target token, and the token ids.
@@ -189,7 +191,7 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
     def add_delta(output, name, _inp):
         i = modules.index(name)
         shape = output.shape
-        output = as_tokens(output, *batch.ids.shape)
+        output = as_tokens(output, *batch.shape)
         if i not in base:
             base[i] = output[torch.arange(len(allrows.seqs), device=output.device), look.to(output.device)].detach()
         d = delta[:, i].to(device=output.device, dtype=output.dtype)[owner.to(output.device)]  # (rows, d)
@@ -202,7 +204,7 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
     with TraceDict(model, modules, retain_output=False, edit_output=add_delta, detach=False):
         with torch.no_grad(), Trace(model, spec.layer_module(start), retain_input=True) as first:
             delta = torch.zeros(n, len(modules), 1, device=dev)  # broadcasts on the first pass
-            logits0 = model(**batch.kwargs(), logits_to_keep=keep, use_cache=False).logits.float()
+            logits0 = model(**batch.kwargs(), logits_to_keep=keep).logits.float()
         # Replaying the lower layers is exact only when a decoder layer returns a plain tensor.
         replay = replay_below(model, spec.layers, start, first.input) if first.plain_output and start > 0 \
             else contextlib.nullcontext()
@@ -227,7 +229,7 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
                 opt.zero_grad()
                 delta = u * unit
                 with cast:
-                    logits = model(**batch.kwargs(), logits_to_keep=keep, use_cache=False).logits.float()
+                    logits = model(**batch.kwargs(), logits_to_keep=keep).logits.float()
                 logp = logits.log_softmax(-1)
                 tok_lp = logp[tgt_row, tgt_col, tgt_id]  # (target tokens,)
                 if margin:
