@@ -102,7 +102,7 @@ def main() -> int:
         if a.base_metrics:
             Path(a.base_metrics).write_text(json.dumps(cache))
     base = cache[key]
-    doc = {"n": a.n, "variant": res.variant, "layers": res.layers, "overrides": over, "pinned_by_model": res.pinned,
+    doc = {"n": a.n, "variant": res.variant, "layers": res.layers, "overrides": over, "from_calibration": res.calibrated,
            "retain_rest": a.retain_rest, "seconds": round(elapsed, 1), "timings": res.timings,
            "base": base, "after": after,
            "Spe_retained": round(after["Spe"] / base["Spe"], 3) if base["Spe"] else None,

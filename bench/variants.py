@@ -2,9 +2,9 @@
 
     python bench/variants.py --model DIR [--sizes 10,50,159] [--set k=v ...] [--out FILE] [--oracle-keep W]
 
-Each variant runs as ``zu unlearn`` would run it on this model: its default window (``--multi``
-may have its own), a known model's pinned sensitive kind and, for ``--multi``, its pinned
-settings (``--solver`` stays the variant's). For each size the neutral targets and sensitive
+Each variant runs as ``zu unlearn`` would run it on this model: the window and settings of the
+model's calibration profile (run ``zu calibrate [--multi]`` first; without one, the default
+windows), ``--solver`` staying the variant's. For each size the neutral targets and sensitive
 vectors are computed once, over the union of the windows (they must end at the same layer; the
 targets do not depend on the solver), and each variant then takes its statistics and edits its
 layers; quality (Eff/Gen/Spe/PPL on the requests' unseen paraphrases and neighbours) is measured
@@ -43,7 +43,8 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
     import dataclasses
 
     from zu_cli import edit, update
-    from zu_cli.arch import known_settings, num_layers, resolve_layers
+    from zu_cli.arch import num_layers
+    from zu_cli.calibrate import MULTI_EXTRA, default_window, load_profile, settings
     from zu_cli.checkpoint import load_model, open_checkpoint
     from zu_cli.console import silent
     from zu_cli.errors import NumericalError
@@ -57,16 +58,21 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
     ckpt = open_checkpoint(model_dir)
     spec = ckpt.spec
     n_layers = num_layers(spec, ckpt.config)
-    # Each variant gets what `zu unlearn` (with or without --multi) would give it: its default
-    # window, a known model's pinned sensitive kind and, for --multi, its pinned settings.
+    # Each variant gets what `zu unlearn` (with or without --multi) would give it: the model's
+    # calibrated window and settings (`zu calibrate` first), else the default window.
+    prof = load_profile(sha256_file_list(dir_digests(ckpt.path)))
     plan = {}
     for v in variants:
         multi = v != "closed-form"
-        lay, _ = resolve_layers(None, spec, ckpt.config, n_layers, multi=multi)
+        if prof is not None:
+            lay = prof.multi_layers if multi else prof.layers
+        else:
+            lay = default_window(n_layers)
+            lay = list(range(max(0, lay[0] - MULTI_EXTRA), lay[-1] + 1)) if multi else lay
         vhp = hp
-        if multi:  # as `zu unlearn --multi --solver ...`: the solver is the user's, the rest may be pinned
+        if multi:  # as `zu unlearn --multi --solver ...`: the solver is the user's, the rest may be calibrated
             vhp = dataclasses.replace(hp, solver=v.split("-")[1], explicit=hp.explicit | {"solver"})
-        plan[v] = (lay, *known_settings(spec, ckpt.config, n_layers, lay, vhp, multi))
+        plan[v] = (lay, *settings(prof, lay, vhp, multi))
     if len({lay[-1] for lay, *_ in plan.values()}) != 1:
         raise SystemExit("variants whose windows end at different layers need separate targets; run them apart")
     layers = sorted({l for lay, *_ in plan.values() for l in lay})  # targets for the union of the windows
@@ -137,13 +143,13 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
             ups = update.edit_layers(model, tok, spec, requests, lay, {l: weights[l] for l in lay}, biases, z,
                                      sens[kind], templates, vhp, solver, out)
         except NumericalError as exc:  # a variant that cannot take this many requests: record it (exit 5 in zu)
-            rows[v] = {"layers": lay, "pinned": pins, "error": exc.message,
+            rows[v] = {"layers": lay, "from_calibration": pins, "error": exc.message,
                        "solve_s": round(time.perf_counter() - t0, 1)}
             continue
         solve_s = time.perf_counter() - t0
         with update.applied(model, spec, {u.layer: u.new for u in ups}, biases):
             after = quality(model, tok, facts, text)
-        rows[v] = {**after, "layers": lay, "pinned": pins, "sensitive": kind,
+        rows[v] = {**after, "layers": lay, "from_calibration": pins, "sensitive": kind,
                    "Spe_retained": round(after["Spe"] / base["Spe"], 3) if base["Spe"] else None,
                    "PPL_ratio": round(after["PPL"] / base["PPL"], 4), "statistics_s": round(stats_s, 1),
                    "solve_s": round(solve_s, 1), "total_s": round(solve_s + shared["targets"] + stats_s, 1),

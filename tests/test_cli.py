@@ -77,49 +77,87 @@ def test_sensitive_auto_resolves_per_variant():
 
     assert Hyper().sensitive_kind(multi=False) == "pushed" and Hyper().sensitive_kind(multi=True) == "output"
     assert Hyper(sensitive="delta").sensitive_kind(multi=True) == "delta"
-    # A known model's pinned kind wins over the variant's default, never over an explicit setting.
-    assert Hyper().sensitive_kind(multi=False, pinned="output") == "output"
-    assert Hyper(sensitive="pushed").sensitive_kind(multi=False, pinned="output") == "pushed"
+    # The kind calibration chose wins over the variant's default, never over an explicit setting.
+    assert Hyper().sensitive_kind(multi=False, calibrated="output") == "output"
+    assert Hyper(sensitive="pushed").sensitive_kind(multi=False, calibrated="output") == "pushed"
 
 
-def test_known_smollm2_pins_its_measured_window_and_sensitive_kind():
-    """SmolLM2-135M (30 layers x 576) edits 8-10 with output sensitive vectors (docs/method.md,
-    "Which layers"); the kind is pinned for that window only (at 17-19 ``output`` lost neighbours)."""
-    from types import SimpleNamespace
+def test_windows_come_from_the_depth_not_from_a_model():
+    """The default window (no calibration) ends at a third of the depth and keeps 30 % of the layers
+    above; calibration's candidates end at fixed relative depths and at the traced window."""
+    from zu_cli.calibrate import candidate_windows, default_window
 
-    from zu_cli.arch import lookup
-
-    llama = lookup(SimpleNamespace(architectures=["LlamaForCausalLM"]))
-    assert llama.default_layers(30, 576) == [8, 9, 10]
-    assert llama.pinned_sensitive(30, 576, [8, 9, 10]) == "output"
-    assert llama.pinned_sensitive(30, 576, [17, 18, 19]) is None
-    assert llama.default_layers(28, 3072) == [16, 17, 18] and llama.pinned_sensitive(28, 3072, [16, 17, 18]) is None
-    assert llama.default_layers(30, 960) == [17, 18, 19]  # another width: the relative window
+    assert default_window(30) == [8, 9, 10] and default_window(24) == [6, 7, 8] and default_window(4) == [0, 1]
+    assert candidate_windows(30, []) == [[8, 9, 10], [12, 13, 14], [16, 17, 18]]
+    assert candidate_windows(30, [0, 1, 2]) == [[8, 9, 10], [12, 13, 14], [16, 17, 18], [0, 1, 2]]
+    assert all(w[-1] <= 30 - 9 - 1 for w in candidate_windows(30, [25, 26, 27]))
 
 
-def test_known_smollm2_pins_its_measured_multi_settings():
-    """--multi on SmolLM2-135M edits 6-10 with the soft null space and both keep-sets (docs/method.md,
-    "--multi on SmolLM2-135M"); the settings hold for that window only, are valid config values,
-    and never replace one the user set."""
-    from types import SimpleNamespace
+def test_parallel_blocks_never_edit_layer_0():
+    """Where the MLP reads the block input in parallel with attention, layer 0's key at the last token
+    is that token's embedding alone: windows move up past it (GPT-J always, NeoX by its flag)."""
+    from types import SimpleNamespace as NS
 
     from zu_cli.arch import lookup
+    from zu_cli.calibrate import candidate_windows, default_window
+
+    neox = NS(architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox", use_parallel_residual=True)
+    assert lookup(neox).first_window_layer(neox) == 1
+    neox.use_parallel_residual = False
+    assert lookup(neox).first_window_layer(neox) == 0
+    gptj = NS(architectures=["GPTJForCausalLM"], model_type="gptj")
+    llama = NS(architectures=["LlamaForCausalLM"], model_type="llama")
+    assert lookup(gptj).first_window_layer(gptj) == 1 and lookup(llama).first_window_layer(llama) == 0
+    assert default_window(4, first=1) == [1, 2] and default_window(6, first=1) == [1, 2, 3]
+    assert default_window(24, first=1) == default_window(24)
+    assert candidate_windows(30, [0, 1, 2], first=1)[-1] == [1, 2, 3]
+
+
+def test_calibrated_settings_apply_to_their_own_window_and_never_over_the_user():
+    from zu_cli.calibrate import Profile, settings
     from zu_cli.config import Hyper, load_config
 
-    llama = lookup(SimpleNamespace(architectures=["LlamaForCausalLM"]))
-    assert llama.default_layers(30, 576, multi=True) == [6, 7, 8, 9, 10]
-    assert llama.default_layers(30, 576) == [8, 9, 10] and llama.default_layers(28, 3072, multi=True) == [16, 17, 18]
-    pins = llama.pinned_multi(30, 576, [6, 7, 8, 9, 10])
-    assert pins == {"solver": "exact", "multi_general_weight": 1e5, "multi_entity_weight": 1.0,
-                    "multi_swap_weight": 1.0}
-    assert llama.pinned_multi(30, 576, [8, 9, 10]) == {} and llama.pinned_multi(28, 3072, [16, 17, 18]) == {}
-    load_config(None, **pins)  # every pinned value passes the config's own checks
-    hp, applied = Hyper().with_pins(pins)
-    assert (hp.solver, hp.multi_general_weight, applied) == ("exact", 1e5, sorted(pins))
-    user = load_config(None, solver="gradient", multi_general_weight=0.0)  # the user's values win
-    hp, applied = user.with_pins(pins)
-    assert (hp.solver, hp.multi_general_weight, hp.multi_swap_weight) == ("gradient", 0.0, 1.0)
-    assert applied == ["multi_entity_weight", "multi_swap_weight"] and "explicit" not in hp.to_dict()
+    prof = Profile(fingerprint="x", layers=[8, 9, 10], sensitive="output", multi_layers=[6, 7, 8, 9, 10],
+                   multi={"solver": "exact", "multi_general_weight": 1e5})
+    hp, applied, kind = settings(prof, [8, 9, 10], Hyper(), multi=False)
+    assert kind == "output" and applied == ["sensitive"]
+    assert settings(prof, [17, 18, 19], Hyper(), multi=False)[2] == "pushed"  # another window: the default
+    hp, applied, kind = settings(prof, [6, 7, 8, 9, 10], Hyper(), multi=True)
+    assert (hp.solver, hp.multi_general_weight, applied, kind) == ("exact", 1e5, ["multi_general_weight", "solver"],
+                                                                   "output")
+    user = load_config(None, solver="gradient")
+    hp, applied, _ = settings(prof, [6, 7, 8, 9, 10], user, multi=True)
+    assert hp.solver == "gradient" and applied == ["multi_general_weight"]
+    assert settings(None, [8, 9, 10], Hyper(), multi=False)[1:] == ([], "pushed")
+
+
+def test_architecture_files_describe_architectures_only():
+    """No setting tuned on a model lives in the architecture data (calibration finds them)."""
+    from importlib import resources
+
+    import yaml
+
+    allowed = {"model_types", "architectures", "layers", "down_proj", "transposed", "bias", "num_layers_key",
+               "final_norm", "lm_head", "embed", "mlp_output", "refuse_if", "parallel_mlp"}
+    for f in resources.files("zu_cli.architectures").iterdir():
+        if f.name.endswith(".yaml"):
+            assert set(yaml.safe_load(f.read_text())) <= allowed, f.name
+
+
+def test_a_block_structure_zu_cannot_edit_is_refused(tiny_models, tmp_path):
+    """OPT configured to normalise after the residual sum (do_layer_norm_before: false) is refused
+    (exit 3) before anything is written."""
+    import shutil
+
+    shutil.copytree(tiny_models["opt"], tmp_path / "opt")
+    cfg = json.loads((tmp_path / "opt" / "config.json").read_text())
+    (tmp_path / "opt" / "config.json").write_text(json.dumps({**cfg, "do_layer_norm_before": False}))
+    req = tmp_path / "r.jsonl"
+    req.write_text(json.dumps({"prompt": "The quick brown fox", "subject": "fox", "target": "jumps"}) + "\n")
+    res = runner.invoke(app, ["unlearn", "--model", str(tmp_path / "opt"), "--forget", str(req), "--out",
+                              str(tmp_path / "o")])
+    assert res.exit_code == 3 and "cannot edit this block structure" in res.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_debug_shows_traceback(tmp_path, monkeypatch):

@@ -10,53 +10,12 @@ import json
 
 import pytest
 
-from conftest import DATA
+from realmodel import check_quality, load_facts, scores, unlearn
 from zu_cli.checkpoint import load_model, open_checkpoint
-from zu_cli.config import Hyper
-from zu_cli.console import silent
-from zu_cli.pipeline import UnlearnOptions, run_unlearn
-from zu_cli.probes import perplexity, probe
+from zu_cli.probes import probe
 
 pytestmark = pytest.mark.slow
-FACTS = [json.loads(l) for l in (DATA / "facts-dev.jsonl").read_text().splitlines() if l.strip()]
-TEXT = (DATA / "fluency-dev.txt").read_text()
-
-
-def scores(model_dir, facts) -> dict:
-    """Eff / Gen / Spe (% still top-1) and perplexity of a checkpoint on ``facts``."""
-    model, tok = load_model(open_checkpoint(model_dir), device_map="cpu", dtype="float32")
-    top1 = lambda qs: [p.top1 for p in probe(model, tok, qs)]
-    return {"eff": top1([(f["prompt"], f["target"]) for f in facts]),
-            "gen": top1([(p, f["target"]) for f in facts for p in f["paraphrases"]]),
-            "spe": top1([(nb["prompt"], nb["target"]) for f in facts for nb in f["neighbors"]]),
-            "ppl": perplexity(model, tok, TEXT)}
-
-
-def unlearn(model_dir, facts, tmp_path, multi=False):
-    req = tmp_path / "forget.jsonl"
-    req.write_text("".join(json.dumps({k: f[k] for k in ("id", "prompt", "subject", "target")}) + "\n"
-                           for f in facts))
-    res = run_unlearn(UnlearnOptions(model=model_dir, forget=req, out=tmp_path / "out", device_map="cpu",
-                                     multi=multi), Hyper(), silent())
-    return tmp_path / "out", res
-
-
-def check_quality(base, after, n):
-    """Design targets (§7): >= 90 % forgotten, paraphrases <= 40 %, neighbours >= 75 % of base, PPL <= +3 %.
-
-    Measured on this release with the SmolLM2 default (layers 8-10, output sensitive vectors,
-    entity keep-set weight 1), 10 facts: 100 % forgotten, 0 % of paraphrases, 92 % of neighbours,
-    PPL +1.4 % / +1.2 % (fp32 / bf16); the authors' code: 80 %, 50 %, 50 %, +3 %.
-    """
-    rate = lambda xs: sum(xs) / len(xs)
-    report = {"recalled": rate(after["eff"]), "para": rate(after["gen"]),
-              "nbr_kept": rate(after["spe"]) / rate(base["spe"]), "ppl_ratio": after["ppl"] / base["ppl"]}
-    assert rate(base["eff"]) == 1.0  # the base model knows every one of these facts
-    assert 1 - report["recalled"] >= 0.90, report
-    assert report["para"] <= 0.40, report
-    assert report["nbr_kept"] >= 0.75, report
-    assert report["ppl_ratio"] <= 1.03, report
-    return report
+FACTS = load_facts("facts-dev.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +85,7 @@ def test_smollm2_multi_50_facts_design_targets(smollm2, tmp_path):
     same facts: 98 % forgotten, 6 % of paraphrases, 80 % of neighbours, perplexity +2.85 %; ~10 min here."""
     facts = FACTS[:50]
     out, res = unlearn(smollm2, facts, tmp_path, multi=True)
-    assert res.layers == [6, 7, 8, 9, 10] and "multi_swap_weight" in res.pinned
+    assert res.layers_how.startswith("calibration") and "multi_general_weight" in res.calibrated
     check_quality(scores(smollm2, facts), scores(out, facts), 50)
 
 
@@ -139,11 +98,11 @@ def test_smollm2_bf16_sharded_quality(smollm2_bf16, tmp_path):
 
 
 @pytest.mark.xfail(run=False, reason="not met on this model (docs/method.md, 'The 159-fact ceiling'): "
-                   "with the pinned settings 159 facts at once forget 91.2 %, 13.2 % of paraphrases, keep 54.7 % "
+                   "with the settings then pinned for SmolLM2 (now calibrated) 159 facts at once forget 91.2 %, 13.2 % of paraphrases, keep 54.7 % "
                    "of neighbours at perplexity +8.3 % (bench/variants.py); even with the probed neighbours "
                    "themselves as a keep-set no setting measured meets all four targets. ~28 min here")
 def test_smollm2_multi_all_dev_facts(smollm2, tmp_path):
-    """--multi (SmolLM2's pinned settings) with all 159 dev facts at once, measured on the written
+    """--multi (the model's calibrated settings) with all 159 dev facts at once, measured on the written
     checkpoint; issue targets: >= 90 % forgotten, paraphrases <= 40 %, neighbours >= 70 % of base,
     perplexity <= +5 %."""
     out, res = unlearn(smollm2, FACTS, tmp_path, multi=True)

@@ -74,8 +74,8 @@ def test_statistics_are_cached_and_keyed_by_weights(tiny_models, tmp_path, monke
     import zu_cli.stats as stats
 
     calls = []
-    real = stats.second_moments
-    monkeypatch.setattr(stats, "second_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = stats.sampled_moments
+    monkeypatch.setattr(stats, "sampled_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv("ZU_CACHE_DIR", str(tmp_path / "cache"))
     req = _requests(tmp_path, [{"prompt": "The quick brown fox", "subject": "fox", "target": "jumps"}])
     (tmp_path / "c.yaml").write_text(FAST)
@@ -197,17 +197,17 @@ def test_retain_shrinks_the_multi_null_space(tiny_models, tmp_path):
     assert 0 < dims[1] < dims[0], dims
 
 
-def test_multi_takes_a_known_models_pinned_settings(tiny_models, tmp_path, monkeypatch):
-    """A known model's --multi entry sets the window and the settings the user did not; the manifest
-    and the JSON output say which; an explicit --solver or --layers wins; the closed form ignores it."""
-    import dataclasses
+def test_a_calibration_profile_sets_what_the_user_did_not(tiny_models, tmp_path, monkeypatch):
+    """The model's cached calibration profile gives the window and --multi's settings; the manifest
+    (edit.calibration, edit.from_calibration) and the JSON output say so; an explicit --solver or
+    --layers wins; without a profile (--no-calibrate) the default window is edited."""
+    from zu_cli.calibrate import Profile, store_profile
+    from zu_cli.manifest import dir_digests, sha256_file_list
 
-    from zu_cli import arch
-
-    real = arch._load_all
-    pins = {"layers": [1, 2], "hyper": {"solver": "exact", "multi_general_weight": 10.0}}
-    monkeypatch.setattr(arch, "_load_all", lambda: [dataclasses.replace(s, known_multi={"3x64": pins})
-                                                    if s.name == "llama" else s for s in real()])
+    monkeypatch.setenv("ZU_CACHE_DIR", str(tmp_path / "cache"))
+    fp = sha256_file_list(dir_digests(tiny_models["llama"]))
+    store_profile(Profile(fingerprint=fp, layers=[2], sensitive="output", multi_layers=[1, 2],
+                          multi={"solver": "exact", "multi_general_weight": 10.0}))
     req = _requests(tmp_path, [{"id": "a", "prompt": "The quick brown fox jumps", "subject": "brown fox",
                                 "target": "over"}])
     (tmp_path / "fast.yaml").write_text(FAST + "null_threshold: 1.0e-3\nmulti_steps: 5\n")
@@ -220,18 +220,36 @@ def test_multi_takes_a_known_models_pinned_settings(tiny_models, tmp_path, monke
         doc = json.loads((tmp_path / name / "zu-manifest.json").read_text())["predicate"]["edit"]
         shown = json.loads(res.stdout)
         assert shown["variant"] == doc["variant"] and shown["layers"] == doc["layers"]
-        return doc, shown["pinned_by_model"]
+        return doc, shown["from_calibration"]
 
-    doc, shown = edit("pinned", "--multi")
-    assert doc["layers"] == [1, 2] and doc["variant"] == "multi-exact"
-    assert doc["hyperparameters"]["multi_general_weight"] == 10.0
-    assert doc["pinned_by_model"] == shown == ["multi_general_weight", "solver"]
+    doc, shown = edit("multi", "--multi")
+    assert doc["layers"] == [1, 2] and doc["variant"] == "multi-exact" and doc["layers_chosen_by"] == "calibration (cached)"
+    assert doc["hyperparameters"]["multi_general_weight"] == 10.0 and doc["calibration"]["fingerprint"] == fp
+    assert doc["from_calibration"] == shown == ["multi_general_weight", "solver"]
     doc, _ = edit("user", "--multi", "--solver", "gradient")
-    assert doc["variant"] == "multi-gradient" and doc["pinned_by_model"] == ["multi_general_weight"]
+    assert doc["variant"] == "multi-gradient" and doc["from_calibration"] == ["multi_general_weight"]
     doc, _ = edit("other-window", "--multi", "--layers", "1")
-    assert doc["pinned_by_model"] == [] and doc["hyperparameters"]["multi_general_weight"] == 0.0
+    assert doc["from_calibration"] == [] and doc["hyperparameters"]["multi_general_weight"] == 0.0
     doc, _ = edit("closed")
-    assert doc["layers"] != [1, 2] and doc["pinned_by_model"] == [] and doc["variant"] == "closed-form"
+    assert doc["layers"] == [2] and doc["sensitive"] == "output" and doc["from_calibration"] == ["sensitive"]
+    doc, _ = edit("none", "--no-calibrate")
+    assert doc["layers"] == [0, 1] and doc["layers_chosen_by"] == "default window (--no-calibrate)"
+    assert doc["calibration"] is None
+
+
+def test_a_model_that_knows_no_probe_facts_edits_the_default_window(tiny_models, tmp_path):
+    """Calibration needs facts the model answers; a random tiny model has none: zu says so and edits
+    the default window (zu calibrate itself exits 3)."""
+    req = _requests(tmp_path, [{"id": "a", "prompt": "The quick brown fox", "subject": "fox", "target": "jumps"}])
+    (tmp_path / "fast.yaml").write_text(FAST)
+    res = runner.invoke(app, ["unlearn", "--model", str(tiny_models["gpt2"]), "--forget", str(req), "--out",
+                              str(tmp_path / "o"), "--config", str(tmp_path / "fast.yaml"), "--device-map", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "calibration needs" in res.output and "editing the default window [0, 1]" in res.output
+    edit = json.loads((tmp_path / "o" / "zu-manifest.json").read_text())["predicate"]["edit"]
+    assert edit["layers_chosen_by"] == "default window (calibration unavailable)"
+    res = runner.invoke(app, ["calibrate", "--model", str(tiny_models["gpt2"]), "--device-map", "cpu"])
+    assert res.exit_code == 3 and "calibration needs" in res.output
 
 
 def test_keep_moments_skip_the_first_token(tiny_models):
@@ -360,3 +378,24 @@ def test_closed_form_with_many_requests_points_to_multi(tiny_models, tmp_path, c
     assert len(json.loads(res.stdout)["requests"]) == count
     assert ("--multi" in res.stderr) is warned, res.stderr
     assert "over" not in res.stderr
+
+
+def test_moments_taken_while_sampling_equal_a_second_pass(tiny_models):
+    """The statistics are accumulated during generation (each token passes once, KV cached); they
+    equal a separate full pass over the same sampled texts."""
+    from zu_cli.checkpoint import load_model
+    from zu_cli.config import Hyper
+    from zu_cli.console import silent
+    from zu_cli.stats import KEY_SUFFIX, corpus_tokens, sampled_moments, second_moments
+
+    ckpt = open_checkpoint(tiny_models["qwen2"])
+    model, tok = load_model(ckpt, device_map="cpu", dtype="float32")
+    hp = Hyper(stats_samples=70, stats_len=9)  # two sampling batches
+    mods = [ckpt.spec.down_proj_module(0), ckpt.spec.down_proj_module(2)]
+    got = sampled_moments(model, tok, hp, mods, {m: None for m in mods}, (mods[1],), silent())
+    seqs, _ = corpus_tokens(model, tok, None, hp.stats_samples, hp.stats_len, hp.stats_max_tokens, hp.seed)
+    want = second_moments(model, seqs, mods, {m: None for m in mods}, tok.pad_token_id, silent(),
+                          key_modules=(mods[1],))
+    assert set(got) == set(want) == {mods[0], mods[1], mods[1] + KEY_SUFFIX}
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6 * float(want[k].abs().max())), k

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -14,7 +13,8 @@ from .errors import CheckpointError, UsageError
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """What zu needs to know about a model family; never guessed from tensor shapes.
+    """What a model family is, as zu needs to know it; never guessed from tensor shapes, never a
+    setting tuned on one model (those come from calibration, calibrate.py).
 
     Attributes:
         name: family name (file stem).
@@ -26,14 +26,12 @@ class ArchSpec:
         bias: whether the down-projection carries a bias.
         num_layers_key: config attribute holding the layer count.
         final_norm, lm_head, embed: module paths.
-        default_window: relative (start, end) depth of the default edit window, inclusive,
-            as fractions of the layer count; known models may pin layers in ``known``.
-        known: mapping of a model signature ("layers x hidden") to a pinned layer list.
-        known_sensitive: for some of those signatures, the sensitive-vector kind measured best
-            with the pinned window (``Hyper.sensitive``); used only when that window is edited.
-        known_multi: for some signatures, what was measured best for --multi: its own window
-            (``layers``) and hyperparameters (``hyper``, Hyper fields), used only when that
-            window is edited and never over a value the user set.
+        mlp_output: ``residual`` when the down-projection's output is added to the residual stream
+            as it is, ``normed`` when a norm comes between (Gemma 2/3's post-feedforward norm):
+            then the edit's targets are found at the down-projections themselves (edit.py).
+        refuse_if: config values under which zu cannot edit this family correctly (refused, exit 3).
+        parallel_mlp: True when the MLP reads the block's input in parallel with attention (GPT-J), or
+            the config flag that says so (GPT-NeoX's ``use_parallel_residual``); False otherwise.
     """
 
     name: str
@@ -47,10 +45,18 @@ class ArchSpec:
     final_norm: str
     lm_head: str
     embed: str
-    default_window: tuple[float, float]
-    known: dict[str, tuple[int, ...]]
-    known_sensitive: dict[str, str]
-    known_multi: dict[str, dict[str, Any]]
+    mlp_output: str = "residual"
+    refuse_if: dict[str, Any] = field(default_factory=dict)
+    parallel_mlp: bool | str = False
+
+    def first_window_layer(self, config: Any) -> int:
+        """The lowest layer an edit window may hold. Where the MLP reads the block's input in parallel
+        with attention, layer 0's MLP sees at the prompt's last token nothing but that token's own
+        embedding: its key is the same for every prompt ending in that token, and an edit there
+        forgets them all (measured on the GPT-NeoX fact model: 3 of 9 kept city facts lost)."""
+        flag = self.parallel_mlp
+        parallel = bool(getattr(_text_config(config), flag, True)) if isinstance(flag, str) else flag
+        return 1 if parallel else 0
 
     def down_proj_module(self, layer: int) -> str:
         """Module name of layer ``layer``'s down-projection, e.g. ``model.layers.17.mlp.down_proj``."""
@@ -64,59 +70,6 @@ class ArchSpec:
         """Module name of decoder layer ``layer``."""
         return f"{self.layers}.{layer}"
 
-    def pinned_sensitive(self, num_layers: int, hidden: int, layers: list[int]) -> str | None:
-        """The sensitive-vector kind a known model's entry pins for its window, or None.
-
-        Args:
-            num_layers, hidden: the model's signature.
-            layers: the layers being edited; another window than the pinned one gets None, as
-                the kind was measured for that window only.
-
-        Returns:
-            ``pushed``, ``delta``, ``output`` or None.
-        """
-        sig = f"{num_layers}x{hidden}"
-        return self.known_sensitive.get(sig) if list(self.known.get(sig, ())) == list(layers) else None
-
-    def pinned_multi(self, num_layers: int, hidden: int, layers: list[int]) -> dict[str, Any]:
-        """The --multi hyperparameters a known model's entry pins for its --multi window, or {}.
-
-        Args:
-            num_layers, hidden: the model's signature.
-            layers: the layers being edited; another window gets {} (measured for that one only).
-
-        Returns:
-            Hyper field -> value.
-        """
-        entry = self.known_multi.get(f"{num_layers}x{hidden}", {})
-        return dict(entry.get("hyper", {})) if list(entry.get("layers", ())) == list(layers) else {}
-
-    def default_layers(self, num_layers: int, hidden: int, width: int = 3, multi: bool = False) -> list[int]:
-        """The default edit window for a model of this family.
-
-        Args:
-            num_layers: number of decoder layers.
-            hidden: model width (part of the known-model signature).
-            width: number of consecutive layers.
-            multi: the window for --multi (a known model may pin its own).
-
-        Returns:
-            Layer indices, ascending.
-        """
-        sig = f"{num_layers}x{hidden}"
-        if multi and self.known_multi.get(sig, {}).get("layers"):
-            return list(self.known_multi[sig]["layers"])
-        pinned = self.known.get(sig)
-        if pinned:
-            return list(pinned)
-        # Relative depth of the reference's Llama-3.2-3B window (16-18 of 28 layers), keeping at
-        # least 30 % of the layers above it: the neutral target is written at the subject token
-        # and only later layers can carry it to the position that predicts the answer.
-        start = int(round(self.default_window[0] * num_layers))
-        end = min(start + width, num_layers - math.ceil(0.3 * num_layers))
-        start = max(0, min(start, end - width))
-        return list(range(start, max(end, start + 1)))
-
 
 def _load_all() -> list[ArchSpec]:
     specs = []
@@ -124,15 +77,12 @@ def _load_all() -> list[ArchSpec]:
         if not entry.name.endswith(".yaml"):
             continue
         raw: dict[str, Any] = yaml.safe_load(entry.read_text())
-        known = raw.get("known") or {}  # signature -> layer list, or {layers: [...], sensitive: kind}
         specs.append(ArchSpec(
             name=entry.name[:-5], model_types=tuple(raw["model_types"]), architectures=tuple(raw["architectures"]),
             layers=raw["layers"], down_proj=raw["down_proj"], transposed=bool(raw.get("transposed", False)),
             bias=bool(raw.get("bias", False)), num_layers_key=raw["num_layers_key"], final_norm=raw["final_norm"],
-            lm_head=raw["lm_head"], embed=raw["embed"], default_window=tuple(raw["default_window"]),
-            known={k: tuple(v["layers"] if isinstance(v, dict) else v) for k, v in known.items()},
-            known_sensitive={k: v["sensitive"] for k, v in known.items() if isinstance(v, dict) and "sensitive" in v},
-            known_multi={k: v["multi"] for k, v in known.items() if isinstance(v, dict) and "multi" in v}))
+            lm_head=raw["lm_head"], embed=raw["embed"], mlp_output=raw.get("mlp_output", "residual"),
+            refuse_if=dict(raw.get("refuse_if") or {}), parallel_mlp=raw.get("parallel_mlp", False)))
     return specs
 
 
@@ -151,17 +101,21 @@ def lookup(config: Any) -> ArchSpec:
         The matching ArchSpec.
 
     Raises:
-        CheckpointError: no family serves this architecture (exit 3), naming the supported list.
+        CheckpointError: no family serves this architecture, or its config has a structure the family
+            refuses (``refuse_if``) (exit 3), naming the supported list.
     """
     specs = _load_all()
-    for cls in getattr(config, "architectures", None) or []:
-        for s in specs:
-            if cls in s.architectures:
-                return s
     model_type = getattr(config, "model_type", None)
-    for s in specs:
-        if model_type in s.model_types:
-            return s
+    found = [s for cls in getattr(config, "architectures", None) or [] for s in specs if cls in s.architectures]
+    found += [s for s in specs if model_type in s.model_types]
+    if found:
+        spec = found[0]
+        for key, bad in spec.refuse_if.items():
+            if getattr(_text_config(config), key, None) == bad:
+                raise CheckpointError(f"{spec.name} with {key}={bad!r}: zu cannot edit this block structure correctly "
+                                      "(the MLP's output does not join an additive residual stream)",
+                                      hint="nothing was written; see docs/cli.md, 'Supported architectures'")
+        return spec
     raise CheckpointError(
         f"unsupported architecture {getattr(config, 'architectures', None) or model_type!r}",
         hint="supported families: " + ", ".join(s.name for s in specs))
@@ -175,29 +129,6 @@ def _text_config(config: Any) -> Any:
 def num_layers(spec: ArchSpec, config: Any) -> int:
     """Layer count read from the config key the architecture names."""
     return int(getattr(_text_config(config), spec.num_layers_key))
-
-
-def hidden_size(config: Any) -> int:
-    """Model width from the config (0 when it has none): the second half of a known-model signature."""
-    return int(getattr(_text_config(config), "hidden_size", 0) or 0)
-
-
-def known_settings(spec, config, n_layers: int, layers: list[int], hp, multi: bool) -> tuple[Any, list[str], str]:
-    """What a known model's entry sets for the window being edited: --multi's pinned
-    hyperparameters (where the user set nothing) and the sensitive-vector kind.
-
-    Args:
-        hp: the user's Hyper (its ``explicit`` fields are never replaced).
-        multi: the --multi variant (only it takes ``pinned_multi``).
-
-    Returns:
-        (resolved Hyper, names of the fields the pins set, sensitive kind).
-    """
-    hidden = hidden_size(config)
-    pinned: list[str] = []
-    if multi:
-        hp, pinned = hp.with_pins(spec.pinned_multi(n_layers, hidden, layers))
-    return hp, pinned, hp.sensitive_kind(multi, spec.pinned_sensitive(n_layers, hidden, layers))
 
 
 def parse_layers(text: str | None) -> list[int] | str | None:
@@ -227,16 +158,13 @@ def parse_layers(text: str | None) -> list[int] | str | None:
     return sorted(layers)
 
 
-def resolve_layers(text: str | None, spec, config, n_layers: int, multi: bool = False) -> tuple[list[int], str]:
-    """``--layers 17,18,19`` (or ``17-19``) or the architecture's default window (for --multi when ``multi``).
+def check_layers(layers: list[int], n_layers: int) -> list[int]:
+    """Explicit ``--layers`` against the model's depth.
 
     Raises:
-        UsageError: malformed list or a layer outside the model (exit 2).
+        UsageError: a layer outside the model (exit 2).
     """
-    layers = parse_layers(text)
-    if layers is None or layers == "auto":
-        return spec.default_layers(n_layers, hidden_size(config), multi=multi), "architecture default"
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
         raise UsageError(f"--layers: layer {bad[0]} outside the model (0-{n_layers - 1})")
-    return layers, "--layers"
+    return layers

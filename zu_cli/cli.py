@@ -113,7 +113,7 @@ def unlearn(
                                 "(docs/requests.md)."),
     out: Path = typer.Option(..., "--out", metavar="DIR", help="Output checkpoint directory (written atomically)."),
     layers: Optional[str] = typer.Option(None, "--layers", metavar="8-10|8,9,10|auto", help="Layers to edit; auto: "
-                                         "causal tracing (as zu locate). Default: the model's window (docs/method.md)."),
+                                         "causal tracing on the requests. Default: the window the model's calibration found (zu calibrate)."),
     neutral: str = typer.Option("eos", "--neutral", metavar="eos|TEXT", help="Neutral target."),
     multi: bool = typer.Option(False, "--multi", help="Gradient variant for many requests: an additive update in the "
                                "null space of general keys (docs/method.md)."),
@@ -140,6 +140,8 @@ def unlearn(
     key: Optional[Path] = typer.Option(None, "--key", metavar="PEM", help="Private key to sign with (default: "
                                        "$ZU_SIGNING_KEY, else the key `zu keygen` made)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out that a previous zu run wrote."),
+    no_calibrate: bool = typer.Option(False, "--no-calibrate", help="Without --layers, edit the default relative "
+                                      "window instead of the model's calibrated one (no calibration run)."),
     json_out: bool = JSON_OUT,
     reveal: bool = REVEAL,
 ) -> None:
@@ -156,10 +158,33 @@ def unlearn(
     opts = UnlearnOptions(model=model, forget=forget, out=out, layers=layers, neutral=neutral, multi=multi,
                           stats_corpus=stats_corpus, retain=retain, device_map=device_map, max_memory=max_memory,
                           offload_dir=offload_dir, dtype=dtype, force=force, receipt=receipt,
-                          include_requests=include_requests, key=key)
+                          include_requests=include_requests, key=key, calibrate=not no_calibrate)
     with output.live():
         res = run_unlearn(opts, hp, output)
     render_unlearn(res, output)
+
+
+@command(summary="Find a model's own edit settings (layers, kind, --multi weights); cached per model.",
+         epilog=examples("zu calibrate --model ./ckpt", "zu calibrate --model ./ckpt --multi --json"))
+@handled
+def calibrate(
+    model: str = MODEL,
+    multi: bool = typer.Option(False, "--multi", help="Also calibrate --multi (its window and null-space weight)."),
+    force: bool = typer.Option(False, "--force", help="Calibrate again even if a profile is cached."),
+    device_map: str = DEVICE_MAP,
+    dtype: Dtype = DTYPE,
+    json_out: bool = JSON_OUT,
+) -> None:
+    """Calibrate a model: edit zu's common-knowledge probe facts the model knows at candidate
+    windows (after causal tracing), score forgetting, paraphrases, neighbours and perplexity, and
+    keep the best settings. `zu unlearn` does this by itself the first time it meets a model."""
+    from .pipeline import run_calibrate
+    from .render import render_profile
+
+    output = Output(json_mode=json_out)
+    with output.live():
+        prof, cached = run_calibrate(model, multi, force, device_map, dtype, output)
+    render_profile(prof, cached, output)
 
 
 @command(summary="The embedded default: a tiny fact model forgets three facts, before/after shown.",

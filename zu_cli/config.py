@@ -57,7 +57,7 @@ class Hyper:
     Guards: ``max_rel_change`` bounds ||dW||/||W|| per layer, ``max_cond`` the condition number.
     ``rounding``: how an edited tensor is cast back to a low-precision checkpoint dtype.
     ``explicit`` (not a hyperparameter): the fields the user set (``--config``, CLI flags), which
-    a known model's pinned values never replace (``with_pins``).
+    calibrated values never replace (``with_settings``).
     """
 
     n_prefixes: int = 5
@@ -105,35 +105,35 @@ class Hyper:
     seed: int = 0
     explicit: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
-    def sensitive_kind(self, multi: bool, pinned: str | None = None) -> str:
+    def sensitive_kind(self, multi: bool, calibrated: str | None = None) -> str:
         """``sensitive`` with ``auto`` resolved.
 
         Args:
             multi: the --multi variant (``output``) rather than the closed form (``pushed``).
-            pinned: the kind a known model's architecture entry pins for the edited window
-                (``ArchSpec.pinned_sensitive``); it wins over the variant's default.
+            calibrated: the kind the model's calibration chose for the edited window; it wins over
+                the variant's default, never over an explicit setting.
 
         Returns:
             ``pushed``, ``delta`` or ``output``.
         """
         if self.sensitive != "auto":
             return self.sensitive
-        return pinned or ("output" if multi else "pushed")
+        return calibrated or ("output" if multi else "pushed")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved values, for the manifest."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "explicit"}
 
-    def with_pins(self, pins: dict[str, Any]) -> tuple["Hyper", list[str]]:
-        """Apply a known model's pinned values (``ArchSpec.pinned_multi``) where the user set nothing.
+    def with_settings(self, values: dict[str, Any]) -> tuple["Hyper", list[str]]:
+        """Apply values found by calibration where the user set nothing.
 
         Args:
-            pins: Hyper field -> value, from the architecture data.
+            values: Hyper field -> value (a calibration profile's --multi settings).
 
         Returns:
-            (the resolved Hyper, the names of the fields the pins set, sorted).
+            (the resolved Hyper, the names of the fields the values set, sorted).
         """
-        applied = {k: v for k, v in pins.items() if k not in self.explicit}
+        applied = {k: v for k, v in values.items() if k not in self.explicit}
         return dataclasses.replace(self, **applied), sorted(applied)
 
 

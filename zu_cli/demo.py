@@ -47,10 +47,12 @@ class FactSpec:
     lr: float = 5e-3
     warmup: int = 30
     seed: int = 0
+    family: str = "llama"  # the block structure (``model_config``): tests train one of each
 
     def key(self) -> str:
         """Cache key of this world and model."""
-        raw = json.dumps({**self.__dict__, "relations": RELATIONS, "syl": SYLLABLES, "v": 2}, sort_keys=True)
+        raw = json.dumps({**self.__dict__, "relations": RELATIONS, "syl": SYLLABLES, "v": 4, "positions": POSITIONS},
+                         sort_keys=True)
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -113,20 +115,38 @@ def _tokenizer(facts: list[Fact], unknown: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 
 
+POSITIONS = 128  # room for the statistics' sampled texts (64 tokens after a seed): GPT-2 has a table of them
+
+
+def model_config(spec: FactSpec, tok):
+    """The fact model's transformers config for ``spec.family``: pre-norm (llama), a norm after the MLP
+    (gemma2), attention and MLP in parallel (gpt_neox), or GPT-2's Conv1D blocks (gpt2)."""
+    import transformers as tf
+
+    ids = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+               bos_token_id=tok.eos_token_id)
+    common = dict(hidden_size=spec.hidden, intermediate_size=spec.ff, num_hidden_layers=spec.layers,
+                  num_attention_heads=4, max_position_embeddings=POSITIONS, **ids)
+    return {
+        "llama": lambda: tf.LlamaConfig(num_key_value_heads=4, tie_word_embeddings=False, **common),
+        "gemma2": lambda: tf.Gemma2Config(num_key_value_heads=4, head_dim=spec.hidden // 4, **common),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(use_parallel_residual=True, tie_word_embeddings=False, **common),
+        "gpt2": lambda: tf.GPT2Config(n_embd=spec.hidden, n_inner=spec.ff, n_layer=spec.layers, n_head=4,
+                                      n_positions=POSITIONS, tie_word_embeddings=False, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, **ids),  # no dropout, as the others
+    }[spec.family]()
+
+
 def _train(spec: FactSpec, facts: list[Fact], unknown: list[str], dest: Path, advance=lambda n=1: None) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # save_pretrained's shard bar; zu shows its own progress
 
     torch.manual_seed(spec.seed)
     tok = _tokenizer(facts, unknown)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=spec.hidden, intermediate_size=spec.ff,
-                      num_hidden_layers=spec.layers, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=32, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.eos_token_id, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
+    model = AutoModelForCausalLM.from_config(model_config(spec, tok))
     seqs, answer_pos = [], []
     for f in facts:
         for ti in range(len(RELATIONS[f.relation][1])):

@@ -292,7 +292,9 @@ def edit_targets(model, tok, spec: ArchSpec, requests: list[Request], layers: li
             ``pushed`` or ``delta``.
 
     Returns:
-        (z (n, d): the hidden state at the last edited layer that emits the neutral target,
+        (z: (n, d) the hidden state at the last edited layer that emits the neutral target, or, for
+        a family whose MLP output is normalised (``ArchSpec.mlp_output``), (n, len(layers), d)
+        deltas of each edited down-projection's output,
         probability of the neutral target reached per request (n,),
         layer -> M_f (n, d) sensitive down-projection outputs), float32 on CPU.
     """
@@ -334,6 +336,15 @@ def _targets_batch(model, tok, spec: ArchSpec, requests: list[Request], layers: 
     n = len(requests)
     last = spec.layer_module(layers[-1])
     z_rows = build_rows(tok, requests, templates, neutral)
+    if spec.mlp_output == "normed":
+        # A norm between the MLP and the residual stream (Gemma 2/3): a residual offset cannot be
+        # spread over the layers by adding to their outputs, so the deltas are found where the
+        # edit acts, at every edited down-projection at once; each layer's target is its output
+        # plus its own delta (update.edit_layers).
+        mods = [spec.down_proj_module(l) for l in layers]
+        z, _, z_prob = optimize_deltas(model, tok, spec, z_rows, kl_rows(tok, requests), mods, layers[0], n, hp,
+                                       hp.z_steps, hp.z_stop_prob, out, "neutral targets" + where)  # (n, L, d)
+        return z, z_prob, _sensitive(model, tok, spec, requests, layers, templates, hp, sensitive, out, where)
     delta, _, z_prob = optimize_deltas(model, tok, spec, z_rows, kl_rows(tok, requests), [last], layers[-1], n, hp,
                                        hp.z_steps, hp.z_stop_prob, out, "neutral targets" + where)
     # z is the bare prompt's own state plus the delta, as in the reference (MEMIT's compute_z):
@@ -342,12 +353,19 @@ def _targets_batch(model, tok, spec: ArchSpec, requests: list[Request], layers: 
     # attention-sink token it cancelled the edit outright).
     bare = outputs_at(model, tok, build_rows(tok, requests, ["{}"]), [last], n)[last]  # (n, d) float64
     z = bare.float() + delta[:, 0]  # (n, d)
+    return z, z_prob, _sensitive(model, tok, spec, requests, layers, templates, hp, sensitive, out, where)
+
+
+def _sensitive(model, tok, spec: ArchSpec, requests: list[Request], layers: list[int], templates: list[str],
+               hp: Hyper, sensitive: str, out: Output, where: str) -> dict[int, torch.Tensor]:
+    """The sensitive vectors M_f per layer (n, d): the outputs, or pushed toward the true target."""
+    n = len(requests)
     if sensitive == "output":
-        return z, z_prob, sensitive_outputs(model, tok, spec, requests, layers, templates)
+        return sensitive_outputs(model, tok, spec, requests, layers, templates)
     # The answer's direction: push each layer's output further toward the true target (reference).
     true_rows = build_rows(tok, requests, templates, [encode_target(tok, r.target) for r in requests])
     mods = [spec.down_proj_module(l) for l in layers]
     sdelta, sbase, _ = optimize_deltas(model, tok, spec, true_rows, None, mods, layers[0], n, hp, hp.sens_steps, 1.1,
                                        out, "sensitive directions" + where, margin=True)
     push = sdelta if sensitive == "delta" else sbase + sdelta
-    return z, z_prob, {l: push[:, i] for i, l in enumerate(layers)}
+    return {l: push[:, i] for i, l in enumerate(layers)}

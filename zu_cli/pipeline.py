@@ -37,6 +37,7 @@ class UnlearnOptions:
     include_requests: bool = False
     key: Path | None = None
     multi: bool = False  # the gradient variant (§2.8); hp.solver picks Adam or the exact solve
+    calibrate: bool = True  # find the model's own settings when --layers is not given (calibrate.py)
     signer: Any = None  # a keys.SigningKey given by a library caller instead of --key
 
 
@@ -52,7 +53,7 @@ class UnlearnResult:
     timings: dict[str, float] = field(default_factory=dict)
     receipt: Path | None = None
     keyid: str = ""
-    pinned: list[str] = field(default_factory=list)  # settings a known model's architecture entry pinned
+    calibrated: list[str] = field(default_factory=list)  # settings the model's calibration set
     variant: str = "closed-form"  # or multi-gradient / multi-exact, as the manifest's edit.variant
 
     @property
@@ -91,9 +92,10 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
         output that cannot be written (6); nothing is written in any of these cases.
     """
     from . import edit, manifest, update
-    from .arch import known_settings, num_layers, parse_layers, resolve_layers
+    from .arch import check_layers, num_layers, parse_layers
     from .checkpoint import check_load_options, check_out, load_model, open_checkpoint, write_checkpoint
     from .keep import keep_prompts, solve_moments
+    from .calibrate import settings
     from .keys import load_signing_key
     from .probes import probe, token_ranks
     from .requests import load_requests
@@ -102,7 +104,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     check_load_options(opts.device_map, opts.dtype, opts.max_memory)
-    auto = parse_layers(opts.layers) == "auto"
+    asked = parse_layers(opts.layers)  # None (the model's own window), "auto" or layer numbers
     requests = load_requests(opts.forget)
     keep = keep_prompts(load_requests(opts.retain) if opts.retain else [], requests)
     key = opts.signer or load_signing_key(opts.key)
@@ -114,7 +116,8 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     check_out(ckpt, opts.out, opts.force)  # refuse before any expensive work
     spec = ckpt.spec
     n_layers = num_layers(spec, ckpt.config)
-    layers, how = resolve_layers(None if auto else opts.layers, spec, ckpt.config, n_layers, multi=opts.multi)
+    if isinstance(asked, list):
+        check_layers(asked, n_layers)
     if not opts.multi and len(requests) > CLOSED_FORM_MANY:
         out.warn(f"{len(requests)} requests with the closed form, which removes one output direction per request: "
                  f"with more than {CLOSED_FORM_MANY} it keeps fewer neighbours and more perplexity than --multi "
@@ -124,11 +127,8 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     targets_neutral = neutral_ids(tok, requests, opts.neutral)
     source_digests = manifest.dir_digests(ckpt.path)
     source = manifest.sha256_file_list(source_digests)
-    located = None
-    if auto:
-        layers, how, located = _auto_layers(model, tok, spec, n_layers, requests, hp, layers, source, out)
-    # what was measured best for this model's window, where the user set nothing
-    hp, pinned, sens_kind = known_settings(spec, ckpt.config, n_layers, layers, hp, opts.multi)
+    layers, how, located, profile = _choose_layers(asked, ckpt, model, tok, n_layers, requests, hp, source, opts, out)
+    hp, calibrated, sens_kind = settings(profile, layers, hp, opts.multi)
     raw, weights, biases = update.read_weights(ckpt, spec, layers)
     t["load"] = time.perf_counter() - t0
 
@@ -169,7 +169,8 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     predicate = manifest.edit_predicate(
         source={"path_name": ckpt.name, "files": source_digests, **({"hub": ckpt.hub} if ckpt.hub else {})},
         edit={"variant": variant, "layers": layers, "layers_chosen_by": how, "neutral": opts.neutral,
-              "hyperparameters": hp.to_dict(), "pinned_by_model": pinned, "sensitive": sens_kind, "seed": hp.seed,
+              "hyperparameters": hp.to_dict(), "from_calibration": calibrated, "sensitive": sens_kind,
+              "seed": hp.seed, "calibration": profile.summary() if profile else None,
               "context_templates": len(templates),
               "stats_corpus": {"source": "file" if opts.stats_corpus else "model-samples", "digest": corpus_digest},
               "keep": {"prompts": len(keep), "retain_file": manifest.sha256_file(opts.retain) if opts.retain else None},
@@ -190,27 +191,47 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     return UnlearnResult(out=opts.out, layers=layers, layers_how=how,
                          updates=[{"layer": u.layer, "name": u.name, "rel_change": u.rel_change, **u.info} for u in ups],
                          requests=per_req, timings={k: round(v, 2) for k, v in t.items()}, receipt=receipt,
-                         keyid=key.keyid, pinned=pinned, variant=variant)
+                         keyid=key.keyid, calibrated=calibrated, variant=variant)
 
 
-def _auto_layers(model, tok, spec, n_layers: int, requests, hp: Hyper, default: list[int], source: str,
-                 out: Output) -> tuple[list[int], str, dict[str, Any]]:
-    """``--layers auto``: the window causal tracing suggests, or ``default`` when it found no causal effect.
+def _choose_layers(asked, ckpt, model, tok, n_layers: int, requests, hp: Hyper, source: str, opts: UnlearnOptions,
+                   out: Output) -> tuple[list[int], str, dict[str, Any] | None, Any]:
+    """The edited window: ``--layers`` as given; ``auto``: causal tracing on the requests; else the
+    model's calibrated window (calibrating it now if this model was never calibrated), or with
+    ``--no-calibrate`` the default relative window.
 
     Returns:
-        (layers, how they were chosen, the tracing record for the manifest).
+        (layers, how they were chosen, the tracing record or None, the calibration Profile or None).
     """
+    from .calibrate import MULTI_EXTRA, CalibrationUnavailable, default_window, ensure_profile
+
+    if isinstance(asked, list):
+        return asked, "--layers", None, None
+    first = ckpt.spec.first_window_layer(ckpt.config)
+    default = default_window(n_layers, first=first)
+    if opts.multi:  # --multi's window reaches lower (calibrate.MULTI_EXTRA)
+        default = list(range(max(first, default[0] - MULTI_EXTRA), default[-1] + 1))
+    if asked is None and opts.calibrate:
+        try:
+            prof, cached = ensure_profile(ckpt, model, tok, source, out, multi=opts.multi)
+        except CalibrationUnavailable as exc:
+            out.warn(f"{exc}: editing the default window {default} (pass --layers to choose)")
+            return default, "default window (calibration unavailable)", None, None
+        return (prof.multi_layers if opts.multi else prof.layers), \
+            "calibration" + (" (cached)" if cached else ""), None, prof
+    if asked is None:
+        return default, "default window (--no-calibrate)", None, None
     from .locate import TraceSettings, locate
 
     st = TraceSettings(seed=hp.seed)
-    scores, _ = locate(model, tok, spec, n_layers, requests, st, len(default), source, out)
+    scores, _ = locate(model, tok, ckpt.spec, n_layers, requests, st, len(default), source, out)
     record = {"effect": [round(e, 5) for e in scores.effect], "window": scores.window, "settings": asdict(st),
               "requests_traced": len(scores.traced), "found": scores.found}
     if not scores.found:
         out.warn(f"--layers auto: causal tracing found no causal effect ({scores.reason}); editing the default "
                  f"window {default}")
-        return default, "default (causal tracing found no effect)", record
-    return scores.window, "auto (causal tracing)", record
+        return default, "default (causal tracing found no effect)", record, None
+    return scores.window, "auto (causal tracing)", record, None
 
 
 @dataclass
@@ -253,3 +274,34 @@ def run_locate(opts: LocateOptions, out: Output):
     for q in scores.requests:
         q["tag"] = out.redact(by_id[q["id"]].target, q["id"])
     return scores, cached
+
+
+def run_calibrate(model: str | Path, multi: bool, force: bool, device_map: str, dtype: str, out: Output):
+    """``zu calibrate``: the model's profile from the cache, or calibrated now (and cached).
+
+    Returns:
+        (Profile, whether it came from the cache).
+
+    Raises:
+        ZuError subclasses: bad options (2), an unreadable model or too few known facts (3).
+    """
+    from . import manifest
+    from .calibrate import CalibrationUnavailable, calibrate, ensure_profile, store_profile
+    from .errors import CheckpointError
+    from .checkpoint import check_load_options, load_model, open_checkpoint
+
+    check_load_options(device_map, dtype)
+    with out.stage("opening the checkpoint"):
+        ckpt = open_checkpoint(model)
+    with out.stage("loading the model"):
+        mdl, tok = load_model(ckpt, device_map, None, None, dtype)
+    with out.stage("fingerprinting the weights"):
+        source = manifest.sha256_file_list(manifest.dir_digests(ckpt.path))
+    try:
+        if not force:
+            return ensure_profile(ckpt, mdl, tok, source, out, multi=multi)
+        prof = calibrate(ckpt, mdl, tok, source, out, multi=multi)
+    except CalibrationUnavailable as exc:
+        raise CheckpointError(str(exc), hint="edit with --layers (zu locate suggests a window)") from exc
+    store_profile(prof)
+    return prof, False

@@ -15,7 +15,7 @@ def render_unlearn(res, out: Output) -> None:
     """Show an UnlearnResult: one row per request with its status, the counts, where things went."""
     doc: dict[str, Any] = {"out": str(res.out), "receipt": str(res.receipt), "variant": res.variant,
                            "layers": res.layers, "layers_chosen_by": res.layers_how, "updates": res.updates,
-                           "requests": res.requests, "counts": res.counts, "pinned_by_model": res.pinned,
+                           "requests": res.requests, "counts": res.counts, "from_calibration": res.calibrated,
                            "timings_s": res.timings}
     if out.json_mode:
         out.emit_json(doc)
@@ -39,8 +39,8 @@ def render_unlearn(res, out: Output) -> None:
                  "not counted)")
     out.err.print(f"{line}; layers {res.layers} ({res.layers_how}); manifest in {res.out}/zu-manifest.json; "
                   f"receipt {res.receipt}")
-    if res.pinned:
-        out.err.print(f"settings measured for this model (docs/method.md): {', '.join(res.pinned)}; "
+    if res.calibrated:
+        out.err.print(f"settings from this model's calibration (zu calibrate): {', '.join(res.calibrated)}; "
                       "set them in --config to override")
     out.err.print("timings (s): " + ", ".join(f"{k} {v}" for k, v in res.timings.items()))
 
@@ -286,3 +286,32 @@ def write_plot(scores, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def render_profile(prof, cached: bool, out: Output) -> None:
+    """A calibration profile: what was chosen, and every candidate's figures."""
+    if out.json_mode:
+        out.emit_json({**asdict(prof), "cached": cached})
+        return
+    f = prof.figures
+    out.err.print(f"[bold]calibration profile[/bold] ({'cached' if cached else f'{prof.seconds:.0f}s'}): closed form "
+                  f"layers {prof.layers} ({prof.sensitive} sensitive vectors); --multi layers {prof.multi_layers}"
+                  + (f", {prof.multi}" if prof.multi else " (its weights are calibrated on first use)"))
+    out.err.print(f"probe facts the model knows: {f.get('known_facts')}; edited per candidate: "
+                  f"{len(f.get('edit_facts', []))}; neighbours: {f.get('neighbours')}")
+    tr = f.get("tracing") or {}
+    if tr:
+        out.err.print(f"causal tracing: window {tr.get('window') or 'none (no effect found)'}")
+    table = Table(title="candidates (on the model's own probe facts)")
+    for col in ("layers", "setting", "forgotten", "paraphrases", "neighbours", "perplexity", "chosen"):
+        table.add_column(col)
+    for c in f.get("candidates", []) + f.get("multi_candidates", []):
+        setting = c.get("sensitive") or f"--multi, general {c.get('multi_general_weight'):g}"
+        chosen = (c["layers"] == prof.layers and c.get("sensitive") == prof.sensitive) or (
+            prof.multi and c.get("multi_general_weight") == prof.multi.get("multi_general_weight"))
+        if "error" in c:
+            table.add_row(f"{c['layers'][0]}-{c['layers'][-1]}", setting, c["error"], "", "", "", "")
+            continue
+        table.add_row(f"{c['layers'][0]}-{c['layers'][-1]}", setting, f"{c['forgotten']:.0%}",
+                      f"{c['paraphrases']:.0%}", f"{c['neighbours']:.0%}", f"x{c['ppl']:.3f}", "*" if chosen else "")
+    out.err.print(table)

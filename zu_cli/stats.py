@@ -62,8 +62,9 @@ def read_corpus(path: str | Path) -> tuple[list[str], str]:
 
 def samples_digest(n_samples: int, length: int, seed: int) -> str:
     """Digest naming the model-sampled corpus (its text depends only on the model and these)."""
-    # v2: sampled 64 at a time (text.sample), which draws other texts than one batch did
-    return hashlib.sha256(f"model-samples-v2:{n_samples}x{length}:seed{seed}".encode()).hexdigest()
+    # v2: sampled 64 at a time (text.sample), which draws other texts than one batch did;
+    # v3: moments taken during the sampling (KV-cached passes) instead of a second pass
+    return hashlib.sha256(f"model-samples-v3:{n_samples}x{length}:seed{seed}".encode()).hexdigest()
 
 
 def corpus_tokens(model, tok, corpus: str | None, n_samples: int, length: int, max_tokens: int,
@@ -115,8 +116,7 @@ def second_moments(model, seqs: list[list[int]], modules: list[str], biases: dic
         float64 on CPU.
     """
     dev = input_device(model)
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
+    acc = _Moments(modules, biases, key_modules)
     with out.progress(label, len(seqs)) as advance:
         for b in range(0, len(seqs), batch_size):
             chunk = seqs[b:b + batch_size]
@@ -127,17 +127,53 @@ def second_moments(model, seqs: list[list[int]], modules: list[str], biases: dic
             if select is not None:
                 for i, sel in enumerate(select[b:b + batch_size]):
                     real[i, int(batch.offset[i]):] &= torch.tensor(sel, dtype=torch.bool)
-            for name in modules:
-                v = as_tokens(td[name].output, *batch.ids.shape).to(device="cpu", dtype=torch.float64)[real]  # (tokens, d)
-                if biases.get(name) is not None:
-                    v = v - biases[name].to(torch.float64).cpu()
-                sums[name] = sums.get(name, 0) + v.T @ v
-                if name in key_modules:
-                    k = as_tokens(td[name].input, *batch.ids.shape).to(device="cpu", dtype=torch.float64)[real]  # (tokens, f)
-                    sums[name + KEY_SUFFIX] = sums.get(name + KEY_SUFFIX, 0) + k.T @ k
-            count += int(real.sum())
+            acc.add(td, real)
             advance(len(chunk))
-    return {k: s / max(count, 1) for k, s in sums.items()}  # no token left (one-token prompts): zeros
+    return acc.means()  # no token left (one-token prompts): zeros
+
+
+class _Moments:
+    """Running sums of v v^T (bias removed) and k k^T over the real tokens of successive forward passes."""
+
+    def __init__(self, modules: list[str], biases: dict[str, torch.Tensor | None], key_modules: tuple[str, ...]):
+        self.modules, self.biases, self.key_modules = modules, biases, key_modules
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, td, real: torch.Tensor) -> None:
+        """Accumulate the traced activations of one pass; ``real`` (B, S) marks the tokens that count."""
+        real = real.cpu()
+        for name in self.modules:
+            v = as_tokens(td[name].output, *real.shape).to(device="cpu", dtype=torch.float64)[real]  # (tokens, d)
+            if self.biases.get(name) is not None:
+                v = v - self.biases[name].to(torch.float64).cpu()
+            self.sums[name] = self.sums.get(name, 0) + v.T @ v
+            if name in self.key_modules:
+                k = as_tokens(td[name].input, *real.shape).to(device="cpu", dtype=torch.float64)[real]  # (tokens, f)
+                self.sums[name + KEY_SUFFIX] = self.sums.get(name + KEY_SUFFIX, 0) + k.T @ k
+        self.count += int(real.sum())
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {k: s / max(self.count, 1) for k, s in self.sums.items()}
+
+
+@torch.no_grad()
+def sampled_moments(model, tok, hp: Hyper, modules: list[str], biases: dict[str, torch.Tensor | None],
+                    key_modules: tuple[str, ...], out: Output) -> dict[str, torch.Tensor]:
+    """``second_moments`` over the texts the model samples (``corpus_tokens`` without a corpus), taken
+    while they are generated: every token passes through the model once, not twice.
+
+    Returns:
+        As ``second_moments``.
+    """
+    acc = _Moments(modules, biases, key_modules)
+    gen = torch.Generator().manual_seed(hp.seed)
+    seeds = [SEED_WORDS[i % len(SEED_WORDS)] for i in range(hp.stats_samples)]
+    steps = sample_steps(hp.stats_samples, hp.stats_len)
+    with TraceDict(model, modules, retain_input=bool(key_modules)) as td, \
+            out.progress("sampling text for the statistics", steps) as advance:
+        sample(model, tok, seeds, hp.stats_len, gen, advance=advance, on_forward=lambda real: acc.add(td, real))
+    return acc.means()
 
 
 def stats_key(source_digest: str, module: str, corpus_digest: str) -> str:
@@ -216,11 +252,10 @@ def collect_stats(model, tok, spec, layers, biases, hp: Hyper, corpus: str | Non
     names = {l: spec.down_proj_module(l) for l in layers}
 
     def compute(need: list[int], key_mods: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        nonlocal seqs
-        if seqs is None:
-            seqs, _ = corpus_tokens(model, tok, None, hp.stats_samples, hp.stats_len, hp.stats_max_tokens, hp.seed, out)
-        return second_moments(model, seqs, [names[l] for l in need], {names[l]: biases[l] for l in need},
-                              tok.pad_token_id, out, key_modules=key_mods)
+        mods, bias = [names[l] for l in need], {names[l]: biases[l] for l in need}
+        if seqs is None:  # model samples: the moments are taken while they are generated, in one pass
+            return sampled_moments(model, tok, hp, mods, bias, key_mods, out)
+        return second_moments(model, seqs, mods, bias, tok.pad_token_id, out, key_modules=key_mods)
 
     g, kk = cached_moments(source, corpus_digest, names, keys, compute)
     return g, kk, corpus_digest

@@ -90,7 +90,7 @@ def cache_kwarg(model: torch.nn.Module) -> str:
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int, generator: torch.Generator,
-           top_k: int = 5, batch_size: int = 64, advance=None) -> list[list[int]]:
+           top_k: int = 5, batch_size: int = 64, advance=None, on_forward=None) -> list[list[int]]:
     """Sample continuations of ``seeds`` with top-k sampling, deterministic for a given generator.
 
     Args:
@@ -104,19 +104,25 @@ def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int, generat
             200 samples of 64 tokens in one batch took a cold run on SmolLM2-135M fp32 to a
             1,961 MiB peak; 64 at a time keeps it under 2x the checkpoint (bench/unlearn.py --cold).
         advance: called once per generated token of a batch (``sample_steps`` in all), for progress.
+        on_forward: called after each forward pass with the (B, S) bool mask of the real tokens it
+            ran (hooks can read their activations then); with it, the last sampled token is fed
+            too, so every token of every returned sequence passes through the model once.
 
     Returns:
         For each seed, its prompt ids followed by the generated ids.
     """
     if len(seeds) > batch_size:
         return [s for b in range(0, len(seeds), batch_size)
-                for s in sample(model, tok, seeds[b:b + batch_size], n_tokens, generator, top_k, batch_size, advance)]
+                for s in sample(model, tok, seeds[b:b + batch_size], n_tokens, generator, top_k, batch_size, advance,
+                                on_forward)]
     dev = input_device(model)
     enc = [encode(tok, s) for s in seeds]
     batch = left_pad(enc, tok.pad_token_id, dev)
     mask, pos = batch.mask, batch.pos
     cache_arg = cache_kwarg(model)
     out = model(**batch.kwargs(), use_cache=True, logits_to_keep=1)
+    if on_forward is not None:
+        on_forward(mask.bool())
     new = []
     for step in range(n_tokens):
         logits = out.logits[:, -1].float().cpu()  # (B, vocab)
@@ -126,13 +132,15 @@ def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int, generat
         new.append(nxt)
         if advance is not None:
             advance()
-        if step == n_tokens - 1:
+        if step == n_tokens - 1 and on_forward is None:
             break
         nxt = nxt.to(dev)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         pos = pos[:, -1:] + 1
         out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                     **{cache_arg: out[cache_arg]})
+        if on_forward is not None:
+            on_forward(torch.ones_like(nxt, dtype=torch.bool))
     gen = torch.cat(new, dim=1).tolist()
     return [e + g for e, g in zip(enc, gen)]
 

@@ -151,7 +151,8 @@ def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: lis
             stored one: a lower precision triggers rounding here, so later layers see, and
             compensate for, exactly what will be written.
         biases: layer -> down-projection bias or None.
-        z: (n, d) neutral target hidden states at the last edited layer's output.
+        z: (n, d) neutral target hidden states at the last edited layer's output, or (n, layers, d)
+            deltas of each edited down-projection's output (``edit.edit_targets``).
         sensitive: layer -> M_f (n, d) sensitive output vectors.
         templates: context templates for the keys.
         solver: ``closed_form_solver(...)`` or ``multi_solver(...)``.
@@ -173,9 +174,12 @@ def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: lis
         mod = spec.down_proj_module(layer)
         with applied(model, spec, done, biases):
             k = outputs_at(model, tok, key_rows, [mod], n, inputs=True)[mod]  # (n, f)
-            h = outputs_at(model, tok, bare, [last], n)[last]  # (n, d)
+            h = outputs_at(model, tok, bare, [last], n)[last] if z.dim() == 2 else None  # (n, d)
         w = weights[layer].to(torch.float64)  # (d, f)
-        t = w @ k.T + (z.to(torch.float64) - h).T / (len(layers) - i)  # (d, n): the residual spread over the layers left
+        if z.dim() == 3:  # per-layer deltas: this layer's output plus its own
+            t = w @ k.T + z[:, i].to(torch.float64).T  # (d, n)
+        else:  # the residual still missing, spread over the layers left
+            t = w @ k.T + (z.to(torch.float64) - h).T / (len(layers) - i)  # (d, n)
         new, info = solver(layer, w, k, t, sensitive[layer].to(torch.float64))
         if hp.rounding == "stochastic":
             new = stochastic_round(new, weights[layer].dtype, gen)

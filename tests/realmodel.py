@@ -1,0 +1,58 @@
+"""Shared by the real-model tiers: unlearn dev facts with zu's defaults and score the written checkpoint.
+
+Requests are edited WITHOUT their paraphrases and neighbours, which are then probed: both are unseen.
+"""
+
+from __future__ import annotations
+
+import json
+
+from conftest import DATA
+from zu_cli.checkpoint import load_model, open_checkpoint
+from zu_cli.config import Hyper
+from zu_cli.console import silent
+from zu_cli.pipeline import UnlearnOptions, run_unlearn
+from zu_cli.probes import perplexity, probe
+
+TEXT = (DATA / "fluency-dev.txt").read_text()
+
+
+def load_facts(name: str) -> list[dict]:
+    """A dev fact file of tests/data."""
+    return [json.loads(l) for l in (DATA / name).read_text().splitlines() if l.strip()]
+
+
+def scores(model_dir, facts) -> dict:
+    """Eff / Gen / Spe (% still top-1) and perplexity of a checkpoint on ``facts``."""
+    model, tok = load_model(open_checkpoint(model_dir), device_map="cpu", dtype="float32")
+    top1 = lambda qs: [p.top1 for p in probe(model, tok, qs)]
+    return {"eff": top1([(f["prompt"], f["target"]) for f in facts]),
+            "gen": top1([(p, f["target"]) for f in facts for p in f["paraphrases"]]),
+            "spe": top1([(nb["prompt"], nb["target"]) for f in facts for nb in f["neighbors"]]),
+            "ppl": perplexity(model, tok, TEXT)}
+
+
+def unlearn(model_dir, facts, tmp_path, multi=False):
+    req = tmp_path / "forget.jsonl"
+    req.write_text("".join(json.dumps({k: f[k] for k in ("id", "prompt", "subject", "target")}) + "\n"
+                           for f in facts))
+    res = run_unlearn(UnlearnOptions(model=model_dir, forget=req, out=tmp_path / "out", device_map="cpu",
+                                     multi=multi), Hyper(), silent())
+    return tmp_path / "out", res
+
+
+def check_quality(base, after, n):
+    """Design targets (§7): >= 90 % forgotten, paraphrases <= 40 %, neighbours >= 75 % of base, PPL <= +3 %.
+
+    The authors' code on SmolLM2 with 10 facts: 80 %, 50 %, 50 %, +3 %. What zu measures is in
+    docs/results.md.
+    """
+    rate = lambda xs: sum(xs) / len(xs)
+    report = {"recalled": rate(after["eff"]), "para": rate(after["gen"]),
+              "nbr_kept": rate(after["spe"]) / rate(base["spe"]), "ppl_ratio": after["ppl"] / base["ppl"]}
+    assert rate(base["eff"]) == 1.0  # the base model knows every one of these facts
+    assert 1 - report["recalled"] >= 0.90, report
+    assert report["para"] <= 0.40, report
+    assert report["nbr_kept"] >= 0.75, report
+    assert report["ppl_ratio"] <= 1.03, report
+    return report
