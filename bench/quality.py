@@ -79,7 +79,10 @@ def main() -> int:
     over = {}
     for kv in a.set:
         k, v = kv.split("=", 1)
-        over[k] = json.loads(v)
+        try:
+            over[k] = json.loads(v)
+        except json.JSONDecodeError:  # a bare word: sensitive=output
+            over[k] = v
     hp = load_config(None, **over)
     with tempfile.TemporaryDirectory() as tmp:
         req = Path(tmp) / "req.jsonl"

@@ -32,6 +32,21 @@ def scores(model_dir, facts) -> dict:
             "ppl": perplexity(model, tok, TEXT)}
 
 
+def fingerprint(model_dir) -> str:
+    """The weights' fingerprint zu keys a model's calibration by (as the pipeline computes it)."""
+    from zu_cli import manifest
+
+    return manifest.sha256_file_list(manifest.dir_digests(open_checkpoint(model_dir).path))
+
+
+def seed_profile(model_dir, recorded: dict) -> None:
+    """Store ``recorded`` (a profile zu calibrate wrote, as a dict) as this checkpoint's calibration,
+    so that a tier does not pay a cold calibration twice for one model (CI's time limit)."""
+    from zu_cli.calibrate import Profile, store_profile
+
+    store_profile(Profile(**{**recorded, "fingerprint": fingerprint(model_dir)}))
+
+
 def unlearn(model_dir, facts, tmp_path, multi=False):
     req = tmp_path / "forget.jsonl"
     req.write_text("".join(json.dumps({k: f[k] for k in ("id", "prompt", "subject", "target")}) + "\n"

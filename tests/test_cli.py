@@ -113,6 +113,40 @@ def test_parallel_blocks_never_edit_layer_0():
     assert candidate_windows(30, [0, 1, 2], first=1)[-1] == [1, 2, 3]
 
 
+def test_calibration_ranks_remapping_first_then_utility():
+    """A candidate that forgets by breaking the subject (EOS rarely near the top) never wins; among
+    the rest the higher utility wins, whatever the count of missed targets (SmolLM2's figures)."""
+    from zu_cli.probefacts import rank_key, score
+
+    base = {"edit": [1] * 8, "paraphrases": [1] * 9, "neighbours": [1] * 40, "ppl": 10.0, "neutral_ranks": [500] * 8}
+
+    def cand(recalled, para, nbr, ppl, eos_top):
+        return score({"edit": [1] * recalled + [0] * (8 - recalled), "paraphrases": [1] * para + [0] * (9 - para),
+                      "neighbours": [1] * nbr + [0] * (40 - nbr), "ppl": 10.0 * ppl,
+                      "neutral_ranks": [0] * eos_top + [900] * (8 - eos_top)}, base)
+
+    mid = cand(0, 4, 27, 1.0195, 6)        # 8-10: 67.5 % of neighbours, EOS top-10 for 6 of 8
+    high = cand(0, 3, 13, 1.0109, 8)       # 12-14: one target missed only, but 32.5 % of neighbours
+    subject = cand(0, 0, 31, 1.0203, 3)    # 0-2: best neighbours, EOS top-10 for 3 of 8
+    assert high["misses"] < mid["misses"]
+    assert sorted([subject, high, mid], key=rank_key) == [mid, high, subject]
+    assert rank_key({"error": "failed", "utility": -1e9}) > rank_key(subject)  # a failed edit last
+
+
+def test_multi_weight_is_not_chosen_for_its_strength():
+    """--multi's null-space weights on SmolLM2's probe facts (docs/results.md): 1e4 re-maps all 8
+    prompts and 1e5 half, but 1e5 keeps more neighbours at less perplexity and wins."""
+    from zu_cli.probefacts import multi_rank_key
+
+    weak = {"forgotten": 1.0, "paraphrases": 0.3333, "neighbours": 0.825, "ppl": 1.0114, "neutral": 1.0,
+            "utility": 4.0887, "multi_general_weight": 1e4}
+    mid = {"forgotten": 1.0, "paraphrases": 0.3333, "neighbours": 0.95, "ppl": 1.0063, "neutral": 0.5,
+           "utility": 3.94, "multi_general_weight": 1e5}
+    strong = {"forgotten": 0.125, "paraphrases": 1.0, "neighbours": 1.0, "ppl": 1.0002, "neutral": 0.125,
+              "utility": 2.2457, "multi_general_weight": 1e6}
+    assert min([weak, mid, strong], key=multi_rank_key) is mid
+
+
 def test_calibrated_settings_apply_to_their_own_window_and_never_over_the_user():
     from zu_cli.calibrate import Profile, settings
     from zu_cli.config import Hyper, load_config

@@ -28,7 +28,7 @@ from .config import Hyper
 from .console import Output, silent
 from .errors import NumericalError
 
-VERSION = 3
+VERSION = 4
 MIN_KNOWN = 4  # probe facts the model must answer for calibration to mean anything
 # Context templates while calibrating: candidates are compared with each other, on one template
 # besides the bare prompt, for a third of the cost of the edit's five (the edit keeps its own).
@@ -211,7 +211,7 @@ def calibrate(ckpt, model, tok, source: str, out: Output, multi: bool = False,
         CalibrationUnavailable: the model answers too few probe facts to calibrate on.
     """
     from .locate import TraceSettings, locate
-    from .probefacts import rank_key
+    from .probefacts import multi_rank_key, rank_key
 
     t0 = time.perf_counter()
     cal = Calibrator(ckpt, model, tok, source, out)
@@ -252,7 +252,7 @@ def calibrate(ckpt, model, tok, source: str, out: Output, multi: bool = False,
                 _say(out, mcands[-1])
                 advance()
         figures["multi_candidates"] = mcands
-        multi_hp = {**MULTI_BASE, "multi_general_weight": min(mcands, key=rank_key)["multi_general_weight"]}
+        multi_hp = {**MULTI_BASE, "multi_general_weight": min(mcands, key=multi_rank_key)["multi_general_weight"]}
     seconds = round(time.perf_counter() - t0 + (prior.seconds if prior else 0.0), 1)
     return Profile(fingerprint=source, layers=layers, sensitive=sensitive, multi_layers=mlayers, multi=multi_hp,
                    figures=figures, seconds=seconds)

@@ -21,7 +21,7 @@ PPL_CHARS = 6000  # the bundled prose's first characters, for the perplexity ter
 # representation (an edit of the first layers forgets that way: EOS at rank ~25,000 on SmolLM2).
 TARGETS = {"forgotten": 0.90, "paraphrases": 0.40, "neighbours": 0.75, "ppl": 1.03, "neutral": 0.5}
 NEUTRAL_TOP = 10
-NEUTRAL_GATE = 0.25
+NEUTRAL_GATE = 0.5
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def score(after: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
         ``forgotten``, ``paraphrases`` (still recalled), ``neighbours`` (kept, of the known),
         ``ppl`` (ratio), ``neutral`` (share of edited prompts with EOS in the top ``NEUTRAL_TOP``),
         ``misses`` (targets missed) and ``utility`` = forgotten + (1 - paraphrases) + 2 neighbours
-        + neutral - 20 max(0, ppl - 1): higher is better, ranked after fewer misses.
+        + neutral - 20 max(0, ppl - 1): higher is better (``rank_key``).
     """
     rate = lambda xs: sum(xs) / len(xs) if xs else 0.0
     s = {"forgotten": 1 - rate(after["edit"]), "paraphrases": rate(after["paraphrases"]),
@@ -121,7 +121,22 @@ def score(after: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
 
 
 def rank_key(s: dict[str, Any]) -> tuple:
-    """Sort key: an edit that re-maps to the neutral target first (below ``NEUTRAL_GATE`` the
-    forgetting comes from breaking the subject, not from the method), then fewer missed targets,
-    then higher utility; a failed edit last."""
-    return (s.get("neutral", 0.0) < NEUTRAL_GATE, s.get("misses", 9), -s.get("utility", -1e9))
+    """Sort key: an edit that re-maps most prompts to the neutral target first (below
+    ``NEUTRAL_GATE`` the forgetting comes from breaking the subject, not from the method), then the
+    higher utility; a failed edit last. Missed targets are reported, not ranked: a count treats
+    33 % and 70 % of neighbours kept alike (measured: it chose SmolLM2's 12-14, 33 % of neighbours).
+
+    The gate was 0.25: on SmolLM2 it let layers 0-2 through (EOS in the top 10 for 3 of 8 probe
+    prompts), which on the dev facts left 10 % recalled, 77 % of neighbours, +2.3 % perplexity
+    and EOS at median rank 17,180, where 8-10 gives 0 %, 92 %, +1.4 %, rank 6.
+    """
+    return (s.get("neutral", 0.0) < NEUTRAL_GATE, -s.get("utility", -1e9))
+
+
+def multi_rank_key(s: dict[str, Any]) -> tuple:
+    """Sort key of ``--multi``'s null-space weights: utility without the neutral share. Within one
+    window the weights differ only in how much of the edit the null space lets through, so the
+    neutral share measures the edit's strength, which ``forgotten`` already counts; counted again
+    it chose SmolLM2's weakest protection (1e4: on 50 dev facts 73 % of neighbours, +4.5 %
+    perplexity, where 1e5 keeps 80 % at +2.9 %)."""
+    return (-(s.get("utility", -1e9) - s.get("neutral", 0.0)),)
