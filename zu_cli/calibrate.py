@@ -94,6 +94,11 @@ def default_window(n_layers: int, width: int = WIDTH, first: int = 0) -> list[in
     return window_ending(max(width - 1, round(RELATIVE_ENDS[0] * n_layers)), n_layers, width, first)
 
 
+def multi_window(window: list[int], first: int = 0) -> list[int]:
+    """``--multi``'s window: ``window`` extended ``MULTI_EXTRA`` layers down, none below ``first``."""
+    return list(range(max(first, window[0] - MULTI_EXTRA), window[-1] + 1))
+
+
 def candidate_windows(n_layers: int, traced: list[int], width: int = WIDTH, first: int = 0) -> list[list[int]]:
     """The windows calibration tries: one ending at each of ``RELATIVE_ENDS`` of the depth and the
     traced one (when tracing found an effect)."""
@@ -239,7 +244,7 @@ def calibrate(ckpt, model, tok, source: str, out: Output, multi: bool = False,
         layers, sensitive = best["layers"], best["sensitive"]
     else:
         layers, sensitive = prior.layers, prior.sensitive
-    mlayers = list(range(max(cal.spec.first_window_layer(ckpt.config), layers[0] - MULTI_EXTRA), layers[-1] + 1))
+    mlayers = multi_window(layers, cal.spec.first_window_layer(ckpt.config))
     multi_hp = None
     if multi:
         cal.warm_statistics(mlayers, multi=True)

@@ -203,14 +203,14 @@ def _choose_layers(asked, ckpt, model, tok, n_layers: int, requests, hp: Hyper, 
     Returns:
         (layers, how they were chosen, the tracing record or None, the calibration Profile or None).
     """
-    from .calibrate import MULTI_EXTRA, CalibrationUnavailable, default_window, ensure_profile
+    from .calibrate import CalibrationUnavailable, default_window, ensure_profile, multi_window
 
     if isinstance(asked, list):
         return asked, "--layers", None, None
     first = ckpt.spec.first_window_layer(ckpt.config)
     default = default_window(n_layers, first=first)
-    if opts.multi:  # --multi's window reaches lower (calibrate.MULTI_EXTRA)
-        default = list(range(max(first, default[0] - MULTI_EXTRA), default[-1] + 1))
+    if opts.multi:
+        default = multi_window(default, first)
     if asked is None and opts.calibrate:
         try:
             prof, cached = ensure_profile(ckpt, model, tok, source, out, multi=opts.multi)
