@@ -156,20 +156,21 @@ def _bash_blocks(markdown: str) -> list[str]:
 
 
 @pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("jq")), reason="needs openssl and jq")
-def test_openssl_recipe_in_docs_runs_as_pasted_and_leaves_the_checkpoint_intact(edited_unknown, tmp_path,
-                                                                                 signing_key):
-    """docs/manifest.md's recipe, verbatim, in a folder holding ./ckpt-clean, with the key where
-    `zu keygen` puts it: the signature verifies, the files check, nothing lands in the checkpoint."""
+def test_openssl_recipe_in_docs_runs_as_pasted_and_leaves_the_checkpoint_intact(tiny_models, tmp_path):
+    """docs/manifest.md's recipe for an Ed25519-signed output, verbatim, in a folder holding
+    ./ckpt-clean, with the key where `zu keygen` puts it: the signature verifies, the files check,
+    nothing lands in the checkpoint."""
     from zu_cli.integrity import check_integrity
     from zu_cli.manifest import dir_digests
 
-    tmp, _ = edited_unknown
+    home = tmp_path / "home"
+    assert runner.invoke(app, ["keygen", "--out", str(home / ".config" / "zu"), "--type", "ed25519"]).exit_code == 0
+    res = _unlearn(tiny_models["llama"], tmp_path, tmp_path / "ckpt-clean", "--key",
+                   str(home / ".config" / "zu" / "zu-signing.key"))
+    assert res.exit_code == 0, res.output
+    (home / ".config" / "zu" / "zu-signing.key").unlink()  # the recipe needs the public key only
     doc = (ROOT / "docs" / "manifest.md").read_text()
     recipe = next(b for b in _bash_blocks(doc) if "openssl pkeyutl" in b)
-    shutil.copytree(tmp / "out", tmp_path / "ckpt-clean")
-    home = tmp_path / "home"
-    (home / ".config" / "zu").mkdir(parents=True)
-    shutil.copy(signing_key.with_name("zu-signing.pub"), home / ".config" / "zu" / "zu-signing.pub")
     before = dir_digests(tmp_path / "ckpt-clean")
     env = {k: v for k, v in os.environ.items() if k not in ("ZU_CONFIG_DIR", "XDG_CONFIG_HOME")}
     proc = subprocess.run(["bash", "-euo", "pipefail", "-c", recipe], cwd=tmp_path, env={**env, "HOME": str(home)},
@@ -178,6 +179,18 @@ def test_openssl_recipe_in_docs_runs_as_pasted_and_leaves_the_checkpoint_intact(
     assert "Signature Verified Successfully" in proc.stdout + proc.stderr
     assert dir_digests(tmp_path / "ckpt-clean") == before
     assert check_integrity(tmp_path / "ckpt-clean").ok
+
+
+@pytest.mark.skipif(not shutil.which("model_signing"), reason="the model_signing CLI is not on PATH")
+def test_model_signing_command_in_docs_runs_as_pasted(edited_unknown, tmp_path, signing_key):
+    """docs/manifest.md's `model_signing verify key` line, verbatim, beside ./ckpt-clean and the public key."""
+    tmp, _ = edited_unknown
+    doc = (ROOT / "docs" / "manifest.md").read_text()
+    command = next(b for b in _bash_blocks(doc) if "model_signing verify key" in b)
+    shutil.copytree(tmp / "out", tmp_path / "ckpt-clean")
+    shutil.copy(signing_key.with_name("zu-signing.pub"), tmp_path / "zu-signing.pub")
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0 and "Verification succeeded" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
 # --- the first five minutes ----------------------------------------------------------------
@@ -281,7 +294,7 @@ def test_help_reads_like_a_real_cli():
     show = runner.invoke(app, ["manifest", "show", "--help"], terminal_width=120).output
     assert "{" not in show.splitlines()[0] and "DIR" in show.splitlines()[0]
     keygen = runner.invoke(app, ["keygen", "--help"], terminal_width=120).output
-    assert "<ed25519|ecdsa-p256>" in keygen
+    assert "<ecdsa-p256|ed25519>" in keygen
 
 
 def test_verify_says_each_verdict_once_integrity_first(edited_unknown, tmp_path):

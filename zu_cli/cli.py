@@ -142,6 +142,10 @@ def unlearn(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out that a previous zu run wrote."),
     no_calibrate: bool = typer.Option(False, "--no-calibrate", help="Without --layers, edit the default relative "
                                       "window instead of the model's calibrated one (no calibration run)."),
+    previous: list[Path] = typer.Option([], "--previous", metavar="FILE", help="Requests an earlier edit of this "
+                                        "checkpoint forgot (repeatable): held at their edited outputs so this edit "
+                                        "cannot bring them back (docs/method.md, 'Requests over time')."),
+    no_card: bool = typer.Option(False, "--no-card", help="Leave the model card (README.md) as the input had it."),
     json_out: bool = JSON_OUT,
     reveal: bool = REVEAL,
 ) -> None:
@@ -158,7 +162,8 @@ def unlearn(
     opts = UnlearnOptions(model=model, forget=forget, out=out, layers=layers, neutral=neutral, multi=multi,
                           stats_corpus=stats_corpus, retain=retain, device_map=device_map, max_memory=max_memory,
                           offload_dir=offload_dir, dtype=dtype, force=force, receipt=receipt,
-                          include_requests=include_requests, key=key, calibrate=not no_calibrate)
+                          include_requests=include_requests, key=key, calibrate=not no_calibrate,
+                          previous=list(previous), card=not no_card)
     with output.live():
         res = run_unlearn(opts, hp, output)
     render_unlearn(res, output)
@@ -206,12 +211,14 @@ def demo(
 
 
 @command(summary="Create the key pair that signs zu's edit manifests.",
-         epilog=examples("zu keygen", "zu keygen --out keys/ --type ecdsa-p256"))
+         epilog=examples("zu keygen", "zu keygen --out keys/ --type ed25519"))
 @handled
 def keygen(
     out: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Directory for zu-signing.key / .pub "
                                        "(default: $ZU_CONFIG_DIR, else ~/.config/zu)."),
-    kind: Literal["ed25519", "ecdsa-p256"] = typer.Option("ed25519", "--type", help="Key type."),
+    kind: Literal["ecdsa-p256", "ed25519"] = typer.Option(
+        "ecdsa-p256", "--type", help="Key type: ecdsa-p256 signs with model-signing (model.sig, verifiable by "
+                                     "`model_signing verify key`); ed25519 signs zu's own DSSE envelope."),
     force: bool = typer.Option(False, "--force", help="Replace an existing key pair."),
     json_out: bool = JSON_OUT,
 ) -> None:
@@ -307,6 +314,25 @@ def manifest_prove(
     render_prove(rows, output)
     if not all(r["in_manifest"] for r in rows):
         raise typer.Exit(1)
+
+
+@command(summary="The checkpoint's history of signed edits, newest first; exit 4 when a link breaks.",
+         epilog=examples("zu log ./ckpt-clean", "zu log ./ckpt-clean --json"))
+@handled
+def log(
+    model: Path = typer.Argument(..., metavar="DIR", help="A checkpoint written by zu unlearn."),
+    json_out: bool = JSON_OUT,
+) -> None:
+    """List every signed edit the checkpoint carries (its own and those under zu-history/): when,
+    which variant and layers, how many requests, which key. The links are checked as `zu verify`
+    checks them; a broken one is named and exits 4."""
+    from .lineage import chain
+    from .render import render_log
+
+    output = Output(json_mode=json_out)
+    links, problems = chain(model)
+    render_log(links, problems, output)
+    raise typer.Exit(4 if problems else 0)
 
 
 @command(summary="Check the signed manifest, then probe; exit 0 pass, 1 probe failed, 4 integrity.",

@@ -48,7 +48,6 @@ class Output:
     reveal: bool = False
     quiet: bool = False
     # soft wrap: a long line stays one line in a log (a terminal wraps it itself)
-    # soft wrap: a long line stays one line in a log (a terminal wraps it itself)
     err: Console = field(default_factory=lambda: Console(stderr=True, highlight=False, soft_wrap=True))
     _live: Progress | None = field(default=None, repr=False)
 

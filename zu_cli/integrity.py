@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ZuError
-from .manifest import (COMMITMENT_V1, ENVELOPE, MANIFEST, PAYLOAD_TYPE, STATEMENT_TYPE, commitments, pae,
-                       sha256_file, sha256_tensor)
+from .manifest import (COMMITMENT_V1, ENVELOPE, MANIFEST, PAYLOAD_TYPE, SIGNATURE, SIGNING_FILES, STATEMENT_TYPE,
+                       commitments, pae, sha256_file, sha256_tensor)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".py")
 
@@ -27,6 +27,7 @@ class IntegrityReport:
         pinned: the signer matches ``--public-key``.
         files: number of listed files whose digest was checked.
         tensors: number of edited tensors checked against the manifest.
+        links: signed manifests in the checkpoint's history chain, its own included (lineage.py).
         statement: the verified statement (None until the signature checked out).
     """
 
@@ -36,12 +37,13 @@ class IntegrityReport:
     pinned: bool = False
     files: int = 0
     tensors: int = 0
+    links: int = 0
     statement: dict[str, Any] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """The report for ``--json`` (the statement itself is not repeated)."""
         return {"problems": self.problems, "warnings": self.warnings, "keyid": self.keyid, "pinned": self.pinned,
-                "files": self.files, "tensors": self.tensors}
+                "files": self.files, "tensors": self.tensors, "links": self.links}
 
     @property
     def ok(self) -> bool:
@@ -50,15 +52,20 @@ class IntegrityReport:
 
 
 def read_statement(model_dir: Path, report: IntegrityReport) -> dict[str, Any] | None:
-    """Open the DSSE envelope and return its statement after the signature checks out.
+    """Check the folder's signature and return the statement it vouches for.
 
-    Problems go to ``report``; returns None when nothing more can be checked.
+    ``model.sig`` (model-signing, EC keys) is checked with the model_signing library over every
+    file; ``zu-manifest.dsse.json`` (Ed25519) is checked here. Problems go to ``report``; returns
+    None when nothing more can be checked.
     """
     from .keys import verify_signature
 
     env_path, man_path = model_dir / ENVELOPE, model_dir / MANIFEST
+    if (model_dir / SIGNATURE).is_file() and not env_path.is_file():
+        return _read_bundle_signed(model_dir, report)
     if not env_path.is_file():
-        report.problems.append(f"{env_path}: missing (no signed manifest; was this written by zu unlearn?)")
+        report.problems.append(f"{model_dir}: no signed manifest (neither {SIGNATURE} nor {ENVELOPE}; was this "
+                               "written by zu unlearn?)")
         return None
     try:
         env = json.loads(env_path.read_text())
@@ -97,6 +104,32 @@ def read_statement(model_dir: Path, report: IntegrityReport) -> dict[str, Any] |
     return stmt
 
 
+def _read_bundle_signed(model_dir: Path, report: IntegrityReport) -> dict[str, Any] | None:
+    """The statement of a folder signed with model-signing, after the library checked the bundle
+    (with the signer key the statement embeds; pinning is ``check_integrity``'s) and every file."""
+    from cryptography.hazmat.primitives import serialization
+
+    from .keys import fingerprint
+    from .signing import verify_dir
+
+    man_path = model_dir / MANIFEST
+    try:
+        stmt = json.loads(man_path.read_bytes())
+        signer = stmt["predicate"]["signer"]
+        report.keyid = signer["keyid"]
+        if fingerprint(serialization.load_pem_public_key(signer["public_key"].encode())) != report.keyid:
+            raise ValueError("the embedded public key does not match its key id")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        report.problems.append(f"{man_path}: not a readable zu manifest ({type(exc).__name__}: {exc})")
+        return None
+    problem = verify_dir(model_dir, signer["public_key"])
+    if problem is None:
+        return stmt
+    report.problems.append(problem)
+    # A file that differs is named again by the per-file checks below; a bad signature ends here.
+    return None if "signature does not verify" in problem else stmt
+
+
 def check_integrity(model_dir: Path, public_key=None, require_key: bool = False) -> IntegrityReport:
     """Signature, signer pinning, every file's digest, unlisted weight files, edited tensors.
 
@@ -118,15 +151,15 @@ def check_integrity(model_dir: Path, public_key=None, require_key: bool = False)
     if public_key is not None:
         report.pinned = fingerprint(public_key) == report.keyid
         if not report.pinned:
-            report.problems.append(f"{model_dir / ENVELOPE}: signed by key {report.keyid[:16]}…, not the pinned "
+            report.problems.append(f"{model_dir / MANIFEST}: signed by key {report.keyid[:16]}…, not the pinned "
                                    f"key {fingerprint(public_key)[:16]}…")
     elif require_key:
-        report.problems.append(f"{model_dir / ENVELOPE}: --require-key given but no --public-key to pin")
+        report.problems.append(f"{model_dir / MANIFEST}: --require-key given but no --public-key to pin")
     else:
         report.warnings.append(f"valid signature by key {report.keyid[:16]}…, which is not pinned "
                                "(pass --public-key to require it)")
     listed = {s["name"]: s["digest"]["sha256"] for s in stmt.get("subject", [])}
-    actual = {str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file()} - {MANIFEST, ENVELOPE}
+    actual = {str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file()} - SIGNING_FILES
     for name in sorted(listed):
         path = model_dir / name
         if name not in actual:
@@ -141,7 +174,20 @@ def check_integrity(model_dir: Path, public_key=None, require_key: bool = False)
         else:
             report.warnings.append(f"{model_dir / name}: not listed in the manifest")
     _check_tensors(model_dir, stmt["predicate"].get("tensors", []), report)
+    _check_chain(model_dir, report)
     return report
+
+
+def _check_chain(model_dir: Path, report: IntegrityReport) -> None:
+    """Every earlier edit's signed manifest in ``zu-history/`` links to the next (lineage.chain)."""
+    from .lineage import chain
+
+    links, problems = chain(model_dir)
+    report.links = len(links)
+    report.problems += problems
+    keys = list(dict.fromkeys(link.summary()["keyid"] for link in links))
+    if len(keys) > 1:
+        report.warnings.append(f"the history was signed by {len(keys)} keys: " + ", ".join(k[:16] + "…" for k in keys))
 
 
 def _check_tensors(model_dir: Path, tensors: list[dict[str, Any]], report: IntegrityReport) -> None:

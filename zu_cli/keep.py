@@ -28,18 +28,21 @@ NAME_LEN = 24  # tokens per text sampled for the name pool: a seed's continuatio
 NOT_NAMES = {"The", "I"}  # capitalised inside a sentence without being a name
 
 
-def keep_prompts(retain: list, forget: list) -> list[str]:
+def keep_prompts(retain: list, forget: list, previous: list = ()) -> list[str]:
     """The prompts whose down-projection outputs the edit must keep: every prompt of the retain
-    requests (prompt, paraphrases, neighbours) and the neighbours of the forget requests.
+    requests (prompt, paraphrases, neighbours), of earlier rounds' requests, and the neighbours of
+    the forget requests.
 
     Args:
         retain: requests.Request list from ``--retain`` (facts to keep).
         forget: the forget requests; their paraphrases are NOT kept (they are to be forgotten).
+        previous: requests an earlier edit of this checkpoint forgot (``--previous``): keeping
+            their outputs holds them at what that edit made them, so this edit cannot revive them.
 
     Returns:
         Distinct prompts, in file order, without any prompt or paraphrase of a forget request.
     """
-    prompts = [p for r in retain for p in (r.prompt, *r.paraphrases, *(nb.prompt for nb in r.neighbors))]
+    prompts = [p for r in (*retain, *previous) for p in (r.prompt, *r.paraphrases, *(nb.prompt for nb in r.neighbors))]
     prompts += [nb.prompt for r in forget for nb in r.neighbors]
     gone = {p for r in forget for p in (r.prompt, *r.paraphrases)}  # forgetting wins over keeping
     return [p for p in dict.fromkeys(prompts) if p not in gone]

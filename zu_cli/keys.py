@@ -87,12 +87,12 @@ def fingerprint(pub) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def keygen(out_dir: Path | None, kind: str = "ed25519", force: bool = False) -> tuple[Path, Path, str]:
+def keygen(out_dir: Path | None, kind: str = "ecdsa-p256", force: bool = False) -> tuple[Path, Path, str]:
     """Create a key pair: ``zu-signing.key`` (PKCS#8 PEM, mode 0600) and ``zu-signing.pub``.
 
     Args:
         out_dir: target directory (default: the user's config directory).
-        kind: ``ed25519`` or ``ecdsa-p256``.
+        kind: ``ecdsa-p256`` (the default: model-signing verifies it) or ``ed25519`` (zu's own envelope).
         force: replace an existing key.
 
     Returns:
@@ -128,10 +128,10 @@ def keygen(out_dir: Path | None, kind: str = "ed25519", force: bool = False) -> 
 
 
 def ephemeral() -> SigningKey:
-    """A throw-away Ed25519 key held in memory (the demo and benchmarks: nothing to pin, nothing saved)."""
-    from cryptography.hazmat.primitives.asymmetric import ed25519
+    """A throw-away ECDSA P-256 key held in memory (the demo and benchmarks: nothing to pin, nothing saved)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
 
-    return SigningKey(key=ed25519.Ed25519PrivateKey.generate(), source="ephemeral")
+    return SigningKey(key=ec.generate_private_key(ec.SECP256R1()), source="ephemeral")
 
 
 def _parse_private(data: bytes, source: str) -> SigningKey:

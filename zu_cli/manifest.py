@@ -1,8 +1,10 @@
 """Edit manifest (design §3): an in-toto Statement v1 of what was changed, signed as a DSSE envelope.
 
-The output directory holds ``zu-manifest.json`` (the canonical statement, readable) and
-``zu-manifest.dsse.json`` (the DSSE envelope whose payload is exactly those bytes). The salt of the
-request commitments goes to a receipt outside the checkpoint.
+The output directory holds ``zu-manifest.json`` (the canonical statement, readable), signed either by
+``model.sig`` (an OpenSSF model-signing bundle over every file, EC keys: signing.py) or by
+``zu-manifest.dsse.json`` (zu's DSSE envelope whose payload is exactly those bytes: Ed25519 keys,
+which model-signing does not take). The salt of the request commitments goes to a receipt outside
+the checkpoint.
 """
 
 from __future__ import annotations
@@ -25,9 +27,14 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://zu.dev/unlearn/v1"
 
 
+SIGNATURE = "model.sig"  # signing.SIGNATURE, named here too so reading a manifest needs no model_signing
+# The files that sign a checkpoint rather than belong to it: no statement lists them.
+SIGNING_FILES = frozenset({MANIFEST, ENVELOPE, SIGNATURE})
+
+
 def has_manifest(path: Path) -> bool:
-    """Whether the directory holds a zu manifest (either of its two files)."""
-    return (Path(path) / ENVELOPE).is_file() or (Path(path) / MANIFEST).is_file()
+    """Whether the directory holds a zu manifest (any of its files)."""
+    return any((Path(path) / name).is_file() for name in SIGNING_FILES)
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -79,10 +86,13 @@ def commitments(requests: list, salt: bytes, scheme: str = COMMITMENT) -> dict[s
 
 
 def edit_predicate(source: dict[str, Any], edit: dict[str, Any], tensors: list[dict[str, Any]], requests: list,
-                   commits: dict[str, str], include_plaintext: bool, probes: dict[str, Any]) -> dict[str, Any]:
+                   commits: dict[str, str], include_plaintext: bool, probes: dict[str, Any], created: str,
+                   lineage: dict[str, Any]) -> dict[str, Any]:
     """The manifest's predicate (docs/manifest.md), the signer excepted (``write_manifest`` adds it).
 
     Args:
+        created: UTC time of the edit, ISO 8601.
+        lineage: ``depth``, ``base_fingerprint`` and, for an edit of a zu output, ``parent`` (lineage.py).
         source: what the input was (``path_name``, file digests, ``hub`` id and revision).
         edit: the variant, layers, settings and how they were chosen.
         tensors: per edited tensor its name, shape, dtype, digests before and after, change.
@@ -93,8 +103,8 @@ def edit_predicate(source: dict[str, Any], edit: dict[str, Any], tensors: list[d
     reqs: dict[str, Any] = {"count": len(requests), "commitment": COMMITMENT, "commitments": commits}
     if include_plaintext:
         reqs["plaintext"] = [r.canonical() for r in requests]
-    return {"versions": versions(), "source": source, "edit": edit, "tensors": tensors, "requests": reqs,
-            "probes": probes}
+    return {"versions": versions(), "created": created, "lineage": lineage, "source": source, "edit": edit,
+            "tensors": tensors, "requests": reqs, "probes": probes}
 
 
 def new_salt() -> bytes:
@@ -112,9 +122,9 @@ def versions() -> dict[str, str]:
 
 
 def statement(out_dir: Path, predicate: dict[str, Any]) -> dict[str, Any]:
-    """The in-toto Statement over every file in ``out_dir`` (the manifest files excluded)."""
+    """The in-toto Statement over every file in ``out_dir`` (the signing files excluded)."""
     subject = [{"name": name, "digest": {"sha256": digest}}
-               for name, digest in dir_digests(out_dir, skip={MANIFEST, ENVELOPE}).items()]
+               for name, digest in dir_digests(out_dir, skip=SIGNING_FILES).items()]
     return {"_type": STATEMENT_TYPE, "subject": subject, "predicateType": PREDICATE_TYPE, "predicate": predicate}
 
 
@@ -125,7 +135,11 @@ def pae(payload_type: str, payload: bytes) -> bytes:
 
 
 def write_manifest(out_dir: Path, predicate: dict[str, Any], key) -> dict[str, Any]:
-    """Write the canonical statement and its DSSE envelope signed with ``key`` into ``out_dir``.
+    """Write the canonical statement into ``out_dir`` and sign the folder with ``key``.
+
+    An EC key signs with model-signing (``model.sig`` over every file, the statement included);
+    an Ed25519 key signs zu's DSSE envelope of the statement. A signature of the other kind left
+    by an earlier write is removed, so one folder never holds two.
 
     Args:
         out_dir: the (temporary) output checkpoint directory, complete but for the manifest.
@@ -136,13 +150,21 @@ def write_manifest(out_dir: Path, predicate: dict[str, Any], key) -> dict[str, A
         The statement written.
     """
     predicate = {**predicate, "signer": {"keyid": key.keyid, "algorithm": key.algorithm,
-                                         "public_key": key.public_pem}}
+                                         "public_key": key.public_pem,
+                                         "format": "zu-dsse" if key.algorithm == "ed25519" else "model-signing"}}
+    for name in SIGNING_FILES:
+        (out_dir / name).unlink(missing_ok=True)
     stmt = statement(out_dir, predicate)
     payload = canonical_json(stmt)
+    (out_dir / MANIFEST).write_bytes(payload)
+    if predicate["signer"]["format"] == "model-signing":
+        from .signing import sign_dir
+
+        sign_dir(out_dir, key)
+        return stmt
     envelope = {"payloadType": PAYLOAD_TYPE, "payload": base64.b64encode(payload).decode(),
                 "signatures": [{"keyid": key.keyid,
                                 "sig": base64.b64encode(key.sign(pae(PAYLOAD_TYPE, payload))).decode()}]}
-    (out_dir / MANIFEST).write_bytes(payload)
     (out_dir / ENVELOPE).write_bytes(json.dumps(envelope, indent=2).encode() + b"\n")
     return stmt
 

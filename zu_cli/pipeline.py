@@ -39,6 +39,8 @@ class UnlearnOptions:
     multi: bool = False  # the gradient variant (§2.8); hp.solver picks Adam or the exact solve
     calibrate: bool = True  # find the model's own settings when --layers is not given (calibrate.py)
     signer: Any = None  # a keys.SigningKey given by a library caller instead of --key
+    previous: list[Path] = field(default_factory=list)  # earlier rounds' requests: held at their edited outputs
+    card: bool = True  # write or update the output's model card (README.md)
 
 
 @dataclass
@@ -106,7 +108,8 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     check_load_options(opts.device_map, opts.dtype, opts.max_memory)
     asked = parse_layers(opts.layers)  # None (the model's own window), "auto" or layer numbers
     requests = load_requests(opts.forget)
-    keep = keep_prompts(load_requests(opts.retain) if opts.retain else [], requests)
+    earlier = [r for path in opts.previous for r in load_requests(path)]
+    keep = keep_prompts(load_requests(opts.retain) if opts.retain else [], requests, earlier)
     key = opts.signer or load_signing_key(opts.key)
     receipt = opts.receipt or opts.out.parent / f"{opts.out.name}.zu-receipt.json"
     if receipt.resolve().is_relative_to(opts.out.resolve()):
@@ -126,7 +129,10 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
         model, tok = load_model(ckpt, opts.device_map, opts.max_memory, opts.offload_dir, opts.dtype)
     targets_neutral = neutral_ids(tok, requests, opts.neutral)
     source_digests = manifest.dir_digests(ckpt.path)
-    source = manifest.sha256_file_list(source_digests)
+    lineage = input_lineage(ckpt.path, manifest.sha256_file_list(source_digests), out)
+    # Every round of a chain uses the base model's calibration and statistics: a round's edit is
+    # small, and recomputing them per round would make round 16 cost what 16 first runs cost.
+    source = lineage["base_fingerprint"]
     layers, how, located, profile = _choose_layers(asked, ckpt, model, tok, n_layers, requests, hp, source, opts, out)
     hp, calibrated, sens_kind = settings(profile, layers, hp, opts.multi)
     raw, weights, biases = update.read_weights(ckpt, spec, layers)
@@ -167,13 +173,15 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     salt = manifest.new_salt()
     commits = manifest.commitments(requests, salt)
     predicate = manifest.edit_predicate(
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), lineage=lineage,
         source={"path_name": ckpt.name, "files": source_digests, **({"hub": ckpt.hub} if ckpt.hub else {})},
         edit={"variant": variant, "layers": layers, "layers_chosen_by": how, "neutral": opts.neutral,
               "hyperparameters": hp.to_dict(), "from_calibration": calibrated, "sensitive": sens_kind,
               "seed": hp.seed, "calibration": profile.summary() if profile else None,
               "context_templates": len(templates),
               "stats_corpus": {"source": "file" if opts.stats_corpus else "model-samples", "digest": corpus_digest},
-              "keep": {"prompts": len(keep), "retain_file": manifest.sha256_file(opts.retain) if opts.retain else None},
+              "keep": {"prompts": len(keep), "retain_file": manifest.sha256_file(opts.retain) if opts.retain else None,
+                       "previous_requests": len(earlier)},
               "neutral_target_prob_min": round(float(z_prob.min()), 4), "locate": located},
         tensors=[{"name": u.name, "shape": list(edited[u.name].shape), "dtype": str(edited[u.name].dtype),
                   "sha256_before": manifest.sha256_tensor(raw[u.layer]),
@@ -184,14 +192,57 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
                 "recalled_after": sum(a.top1 for a in after), "neutral_top1_after": sum(r == 0 for r in ranks),
                 "not_recalled_before_ids": [r["id"] for r in per_req if r["status"] == NOT_KNOWN]})
     with out.progress("writing the checkpoint", len(list(ckpt.path.rglob("*")))) as advance:
+        card = card_info(ckpt, predicate, key) if opts.card else None
         write_checkpoint(ckpt, opts.out, edited, force=opts.force,
-                         finalize=lambda tmp: manifest.write_manifest(tmp, predicate, key), on_file=advance)
+                         finalize=lambda tmp: seal(tmp, predicate, key, card), on_file=advance)
     manifest.write_receipt(receipt, salt, commits)
     t["write"] = time.perf_counter() - t0
     return UnlearnResult(out=opts.out, layers=layers, layers_how=how,
                          updates=[{"layer": u.layer, "name": u.name, "rel_change": u.rel_change, **u.info} for u in ups],
                          requests=per_req, timings={k: round(v, 2) for k, v in t.items()}, receipt=receipt,
                          keyid=key.keyid, calibrated=calibrated, variant=variant)
+
+
+def input_lineage(src: Path, fingerprint: str, out: Output) -> dict[str, Any]:
+    """The new edit's ``lineage``: a first edit, or an edit of a zu output whose signed manifest
+    checks out (one that does not is not a parent: say so, and start a new chain)."""
+    from .integrity import check_integrity
+    from .lineage import parent_record
+
+    record = parent_record(src, fingerprint)
+    if "parent" not in record:
+        return record
+    report = check_integrity(src)
+    if report.ok:
+        return record
+    out.warn(f"{src}: carries a zu manifest that does not verify ({report.problems[0]}); this edit starts a new "
+             "history instead of extending it")
+    return {"depth": 1, "base_fingerprint": fingerprint}
+
+
+def card_info(ckpt, predicate: dict[str, Any], key):
+    """The model card's facts about this edit (card.CardInfo); no request text."""
+    from .card import CardInfo
+
+    lineage = predicate["lineage"]
+    return CardInfo(base_model=ckpt.hub["repo_id"] if ckpt.hub else ckpt.path.name, date=predicate["created"][:10],
+                    variant=predicate["edit"]["variant"], layers=predicate["edit"]["layers"],
+                    requests=predicate["requests"]["count"], keyid=key.keyid,
+                    signature="zu-manifest.dsse.json" if key.algorithm == "ed25519" else "model.sig",
+                    earlier_edits=lineage["depth"] - 1)
+
+
+def seal(tmp: Path, predicate: dict[str, Any], key, card) -> None:
+    """Finish the output folder before its rename: the parent's manifest into the history, the
+    model card, then the manifest and signature over everything (the card and history included)."""
+    from .card import write_card
+    from .lineage import carry_parent
+    from .manifest import write_manifest
+
+    carry_parent(tmp, predicate["lineage"])
+    if card is not None:
+        write_card(tmp, card)
+    write_manifest(tmp, predicate, key)
 
 
 def _choose_layers(asked, ckpt, model, tok, n_layers: int, requests, hp: Hyper, source: str, opts: UnlearnOptions,

@@ -71,7 +71,8 @@ def render_integrity(integ, out: Output) -> None:
         return
     if integ.ok:
         out.err.print(f"integrity: [green]intact[/green]; signer {integ.keyid}{' (pinned)' if integ.pinned else ''}; "
-                      f"{integ.files} files, {integ.tensors} edited tensors checked")
+                      f"{integ.files} files, {integ.tensors} edited tensors checked"
+                      + (f"; history of {integ.links} signed edits checked" if integ.links > 1 else ""))
     else:
         out.err.print(f"integrity: [red]FAILED[/red] ({len(integ.problems)} problem"
                       f"{'s' if len(integ.problems) > 1 else ''})")
@@ -315,3 +316,18 @@ def render_profile(prof, cached: bool, out: Output) -> None:
         table.add_row(f"{c['layers'][0]}-{c['layers'][-1]}", setting, f"{c['forgotten']:.0%}",
                       f"{c['paraphrases']:.0%}", f"{c['neighbours']:.0%}", f"x{c['ppl']:.3f}", "*" if chosen else "")
     out.err.print(table)
+
+
+def render_log(links: list, problems: list[str], out: Output) -> None:
+    """``zu log``: the chain of signed edits, newest first, one line each (no request text exists to show)."""
+    rows = [link.summary() for link in links]
+    if out.json_mode:
+        out.emit_json({"links": rows, "problems": problems})
+        return
+    for r in rows:
+        n = r["requests"]
+        out.err.print(f"link {r['link']}  {r['created'] or '(no date)'}  {r['variant']}  layers "
+                      f"{','.join(map(str, r['layers'] or []))}  {n} request{'s' if n != 1 else ''}  key "
+                      f"{(r['keyid'] or '?')[:16]}…  {'this checkpoint' if r['folder'] == '.' else r['folder']}")
+    for p in problems:
+        out.err.print(f"[red]x[/red] {p}")
