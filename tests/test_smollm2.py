@@ -145,7 +145,9 @@ def test_readme_quick_start_runs_as_pasted(smollm2, tmp_path):
     from hubcache import hub_cache
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "zu unlearn" in b)
+    # The quick start, then every later block that works on its output (next week's requests), in order.
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "zu unlearn" in b or "smollm2-clean" in b]
+    block = "\n".join(blocks)
     hf = hub_cache(tmp_path / "hf", "HuggingFaceTB/SmolLM2-135M-Instruct", smollm2)
     env = {k: v for k, v in os.environ.items()
            if k not in ("ZU_CONFIG_DIR", "ZU_SIGNING_KEY", "XDG_CONFIG_HOME", "HF_HUB_CACHE")}
@@ -157,3 +159,5 @@ def test_readme_quick_start_runs_as_pasted(smollm2, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "work" / "reports" / "verify.xml").is_file()
     assert "verify: ok" in proc.stderr and "part of this edit" in proc.stderr
+    assert "Verification succeeded" in proc.stdout + proc.stderr  # model_signing's own check
+    assert "link 2" in proc.stderr and "history of 2 signed edits checked" in proc.stderr

@@ -146,6 +146,9 @@ def unlearn(
                                         "checkpoint forgot (repeatable): held at their edited outputs so this edit "
                                         "cannot bring them back (docs/method.md, 'Requests over time')."),
     no_card: bool = typer.Option(False, "--no-card", help="Leave the model card (README.md) as the input had it."),
+    audit: Optional[str] = typer.Option(None, "--audit", metavar="quant,relearn,prompt,lens|all", help="After "
+                                        "writing, run `zu verify --attack` on the output with the requests; exit 1 "
+                                        "when an attack brings a fact back (the output stays written)."),
     json_out: bool = JSON_OUT,
     reveal: bool = REVEAL,
 ) -> None:
@@ -153,9 +156,12 @@ def unlearn(
     manifest and the operator's receipt. The input is never modified."""
     from .config import load_config
     from .pipeline import UnlearnOptions, run_unlearn
-    from .render import render_unlearn
+    from .render import render_unlearn, unlearn_json
+
+    from .attacks import parse_attacks
 
     output = Output(json_mode=json_out, reveal=reveal)
+    attacks = parse_attacks(audit)  # refused before any work, like every other option
     if solver is not None and not multi:
         raise UsageError("--solver applies to --multi only", hint="add --multi, or drop --solver")
     hp = load_config(config, seed=seed, solver=solver)
@@ -166,7 +172,22 @@ def unlearn(
                           previous=list(previous), card=not no_card)
     with output.live():
         res = run_unlearn(opts, hp, output)
-    render_unlearn(res, output)
+    if not attacks:
+        render_unlearn(res, output)
+        return
+    from .pipeline_verify import VerifyOptions, run_verify
+    from .render import render_verify
+
+    audit_out = Output(json_mode=False, reveal=reveal, quiet=json_out)
+    with audit_out.live():
+        report = run_verify(VerifyOptions(model=out, forget=forget, device_map=device_map, dtype=dtype,
+                                          attacks=attacks), audit_out)
+    if json_out:
+        output.emit_json({**unlearn_json(res), "audit": report.to_json()})
+    else:
+        render_unlearn(res, output)
+        render_verify(report, output)
+    raise typer.Exit(report.exit_code)
 
 
 @command(summary="Find a model's own edit settings (layers, kind, --multi weights); cached per model.",
@@ -351,6 +372,13 @@ def verify(
     text: Optional[Path] = typer.Option(None, "--text", metavar="FILE", help="Prose for perplexity (default with "
                                         "--baseline: a bundled text)."),
     deep: bool = typer.Option(False, "--deep", help="Logit lens: is the target still decodable at each layer?"),
+    attack: Optional[str] = typer.Option(None, "--attack", metavar="quant,relearn,prompt,lens|all", help="Audit "
+                                         "whether the forgetting lasts: each attack probes the requests again "
+                                         "(docs/verify.md, 'Attacks')."),
+    quant_formats: Optional[str] = typer.Option(None, "--quant-formats", metavar="Q8_0,Q5_0,...",
+                                                help="GGUF formats for --attack quant (default: Q8_0,Q5_0,Q4_0)."),
+    relearn_steps: int = typer.Option(30, "--relearn-steps", min=1, help="--attack relearn: AdamW steps."),
+    relearn_lr: float = typer.Option(5e-5, "--relearn-lr", min=0.0, help="--attack relearn: learning rate."),
     max_rank: int = typer.Option(0, "--max-rank", min=0, help="A forgotten target still counts as recalled when its "
                                  "first token ranks at most this (0 = top-1)."),
     max_prob: float = typer.Option(0.25, "--max-prob", min=0.0, max=1.0, help="... or when the whole target's "
@@ -372,15 +400,20 @@ def verify(
     """Check the signed manifest (signature, pinned signer, every file, the edited tensors), then probe
     every request, paraphrase, neighbour and retained fact. Exit 0 when all pass, 1 when a probe
     fails, 4 on an integrity failure, 6 when the JUnit report cannot be written."""
+    from .attacks import QUANT_FORMATS, AttackSettings, parse_attacks
     from .pipeline_verify import VerifyOptions, run_verify
     from .render import render_integrity, render_verify, write_junit
     from .verify import Criteria
 
     output = Output(json_mode=json_out, reveal=reveal)
+    attacks = parse_attacks(attack)
+    formats = [f.strip() for f in quant_formats.split(",") if f.strip()] if quant_formats else QUANT_FORMATS
+    settings = AttackSettings(quant_formats=tuple(formats),
+                              relearn_steps=relearn_steps, relearn_lr=relearn_lr)
     crit = Criteria(max_rank=max_rank, max_prob=max_prob, max_ppl_ratio=max_ppl_ratio, deep_k=deep_k)
     opts = VerifyOptions(model=model, forget=forget, public_key=public_key, require_key=require_key,
                          baseline=baseline, retain=retain, text=text, deep=deep, criteria=crit,
-                         device_map=device_map, dtype=dtype)
+                         device_map=device_map, dtype=dtype, attacks=attacks, attack_settings=settings)
     with output.live():
         report = run_verify(opts, output, on_integrity=lambda r: render_integrity(r, output))
     render_verify(report, output)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +24,8 @@ class VerifyOptions:
     criteria: Any = None  # verify.Criteria; None = defaults
     device_map: str = "auto"
     dtype: str = "auto"
+    attacks: list[str] = field(default_factory=list)  # attacks.ATTACKS to run (--attack)
+    attack_settings: Any = None  # attacks.AttackSettings; None = defaults
 
 
 def run_verify(opts: VerifyOptions, out: Output, on_integrity: Callable[[Any], None] | None = None):
@@ -53,6 +55,10 @@ def run_verify(opts: VerifyOptions, out: Output, on_integrity: Callable[[Any], N
     from .verify import Criteria, VerifyReport, deep_report, judge, measure, metrics
 
     check_load_options(opts.device_map, opts.dtype)
+    if opts.attacks and opts.forget is None:
+        from .errors import UsageError
+
+        raise UsageError("--attack needs --forget: the attacks probe those requests")
     crit = opts.criteria or Criteria()
     pub = load_public_key(opts.public_key) if opts.public_key else None
     requests = load_requests(opts.forget) if opts.forget else []
@@ -73,7 +79,7 @@ def run_verify(opts: VerifyOptions, out: Output, on_integrity: Callable[[Any], N
             return report
     else:
         report.warnings.append(f"{opts.model}: no zu manifest; integrity not checked")
-    measured = {}
+    measured, attacked = {}, {}
     for role, where in (("after", path), ("base", opts.baseline)):
         if where is None:
             continue
@@ -82,6 +88,8 @@ def run_verify(opts: VerifyOptions, out: Output, on_integrity: Callable[[Any], N
             model, tok = load_model(c, opts.device_map, None, None, opts.dtype)
         with out.stage(f"probing {c.name} ({len(requests)} requests, {len(retain)} retained facts)"):
             measured[role] = measure(model, tok, c.spec, requests, retain, text, opts.deep, crit)
+        if opts.attacks:
+            attacked[role] = _attack(model, tok, c, requests, opts, stmt, role, out)
         del model  # one model in memory at a time
         gc.collect()
     after, base = measured["after"], measured.get("base")
@@ -90,7 +98,23 @@ def run_verify(opts: VerifyOptions, out: Output, on_integrity: Callable[[Any], N
     report.metrics = metrics(after, base, crit)
     if opts.deep:
         report.deep = deep_report(requests, after, base, crit, out)
+    if opts.attacks:
+        from .verify import judge_attacks
+
+        forget = [r["probes"][0] for r in report.requests]
+        report.attacks, report.attack_summary = judge_attacks(requests, forget, attacked["after"],
+                                                              attacked.get("base"), crit, attacked["after"].notes)
     return report
+
+
+def _attack(model, tok, c, requests: list, opts: VerifyOptions, stmt, role: str, out: Output):
+    """The asked attacks on one loaded model; on the baseline only ``quant`` (what the format alone costs)."""
+    from .attacks import AttackSettings, run
+
+    asked = opts.attacks if role == "after" else [a for a in opts.attacks if a == "quant"]
+    layers = (stmt or {}).get("predicate", {}).get("edit", {}).get("layers")
+    with out.stage(f"attacking {c.name}: {', '.join(asked) or 'nothing'}"):
+        return run(model, tok, c.spec, requests, asked, opts.attack_settings or AttackSettings(), layers)
 
 
 def run_prove(model: Path, receipt: Path, forget: Path, out: Output) -> list[dict[str, Any]]:

@@ -11,14 +11,18 @@ from rich.table import Table
 from .console import Output
 
 
+def unlearn_json(res) -> dict[str, Any]:
+    """The ``zu unlearn --json`` document of an UnlearnResult (docs/cli.md)."""
+    return {"out": str(res.out), "receipt": str(res.receipt), "variant": res.variant,
+            "layers": res.layers, "layers_chosen_by": res.layers_how, "updates": res.updates,
+            "requests": res.requests, "counts": res.counts, "from_calibration": res.calibrated,
+            "timings_s": res.timings}
+
+
 def render_unlearn(res, out: Output) -> None:
     """Show an UnlearnResult: one row per request with its status, the counts, where things went."""
-    doc: dict[str, Any] = {"out": str(res.out), "receipt": str(res.receipt), "variant": res.variant,
-                           "layers": res.layers, "layers_chosen_by": res.layers_how, "updates": res.updates,
-                           "requests": res.requests, "counts": res.counts, "from_calibration": res.calibrated,
-                           "timings_s": res.timings}
     if out.json_mode:
-        out.emit_json(doc)
+        out.emit_json(unlearn_json(res))
         return
     table = Table(title=f"zu unlearn -> {res.out}")
     for col in ("request", "status", "target rank", "neutral rank"):
@@ -96,7 +100,8 @@ def render_verify(report, out: Output) -> None:
         table = Table(title=f"zu verify {report.model}")
         for col in ("probe", "result", "detail", "rank", "base rank"):
             table.add_column(col)
-        for p in report.all_probes():
+        # Attack probes are many (requests x formats x wrappers): their table below shows the failures.
+        for p in [p for p in report.all_probes() if not p.kind.startswith("attack-") or p.passed is False]:
             res = "[dim]skip[/dim]" if p.passed is None else "[green]pass[/green]" if p.passed else "[red]FAIL[/red]"
             table.add_row(p.name, res, p.detail + (f" | {p.text}" if p.text else ""),
                           "" if p.rank is None else str(p.rank), "" if p.base_rank is None else str(p.base_rank))
@@ -110,6 +115,15 @@ def render_verify(report, out: Output) -> None:
             t.add_column(c)
         for k in ("Eff", "Gen", "Spe", "PPL"):
             t.add_row(k, *[str(m[c][k]) for c in cols])
+        out.err.print(t)
+    if report.attack_summary:
+        t = Table(title="attacks: forgotten probes recalled again")
+        for col in ("attack", "recalled", "of", "%", "base recalled", "note"):
+            t.add_column(col)
+        for a in report.attack_summary:
+            t.add_row(a["attack"] + ("" if a["judged"] else " (control, not judged)"), str(a["recalled"]),
+                      str(a["probed"]), str(a["recalled_pct"]),
+                      "" if a["base_recalled"] is None else str(a["base_recalled"]), a["note"])
         out.err.print(t)
     if report.deep:
         d = report.deep

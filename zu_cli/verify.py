@@ -114,10 +114,13 @@ class VerifyReport:
     metrics: dict[str, Any] = field(default_factory=dict)
     deep: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    attacks: list[ProbeResult] = field(default_factory=list)  # --attack verdicts (attacks.py)
+    attack_summary: list[dict[str, Any]] = field(default_factory=list)
 
     def all_probes(self) -> list[ProbeResult]:
         """Every verdict, in report order."""
-        return [p for r in self.requests for p in r["probes"]] + self.retain + self.metrics.get("gates", [])
+        return ([p for r in self.requests for p in r["probes"]] + self.retain + self.metrics.get("gates", [])
+                + self.attacks)
 
     @property
     def exit_code(self) -> int:
@@ -136,6 +139,7 @@ class VerifyReport:
                 "metrics": {k: v for k, v in self.metrics.items() if k != "gates"},
                 "gates": [asdict(p) for p in self.metrics.get("gates", [])],
                 "deep": self.deep, "warnings": self.warnings,
+                "attacks": {"summary": self.attack_summary, "probes": [asdict(p) for p in self.attacks]},
                 "summary": {"probes": len(probes), "passed": sum(p.passed is True for p in probes),
                             "failed": sum(p.passed is False for p in probes),
                             "skipped": sum(p.passed is None for p in probes)}}
@@ -241,3 +245,46 @@ def deep_report(requests: list, after: Measure, base: Measure | None, crit: Crit
 
     return {"k": crit.deep_k, "decodable_after": count(after), "decodable_before": count(base) if base else None,
             "ranks": {out.redact(r.target, r.id): ranks for r, ranks in zip(requests, after.lens or [])}}
+
+
+def judge_attacks(requests: list, forget: list[ProbeResult], after, base, crit: Criteria,
+                  notes: dict[str, str]) -> tuple[list[ProbeResult], list[dict[str, Any]]]:
+    """Verdicts of ``--attack`` probes: each must still be forgotten, like the plain probe.
+
+    A request whose plain probe was skipped (not recalled before the edit) is skipped under every
+    attack too; with ``--baseline``, a quantised probe the base model quantised the same way does
+    not recall either is skipped (the format lost it, not the edit). ``relearn-control`` (the same
+    fine-tuning budget spent on kept facts) is reported, not judged.
+
+    Args:
+        forget: the plain ``forget`` verdict of each request (its skip decides the attacks').
+        after, base: attacks.AttackMeasure of the checkpoint and of the baseline (or None).
+
+    Returns:
+        (verdicts, per attack ``{"attack", "probed", "recalled", "recalled_pct", "base_recalled", "note"}``).
+    """
+    verdicts, summary = [], []
+    for name, rows in after.probes.items():
+        judged = name != "relearn-control"
+        recalled = probed = base_recalled = 0
+        for i, (r, row) in enumerate(zip(requests, rows)):
+            tag = f"{r.id}{short_hash(r.target)}"
+            for j, (label, p) in enumerate(row):
+                b = base.probes[name][i][j][1] if base is not None and name in base.probes else None
+                hit = p.rank <= crit.max_rank if name == "lens" else crit.recalled(p)
+                skip = forget[i].passed is None or (b is not None and not crit.recalled(b))
+                if not skip:
+                    probed += 1
+                    recalled += hit
+                    base_recalled += b is not None and crit.recalled(b)
+                if judged:
+                    verdicts.append(ProbeResult(
+                        f"{tag}/{name}/{label}", f"attack-{name.split('-')[0]}", None if skip else not hit,
+                        (NOT_KNOWN if forget[i].passed is None else "base model does not recall it so either")
+                        if skip else f"{'recalled' if hit else 'forgotten'}: rank {p.rank}", p.rank,
+                        p.prob_first, p.prob, b.rank if b else None))
+        summary.append({"attack": name, "judged": judged, "probed": probed, "recalled": recalled,
+                        "recalled_pct": round(100 * recalled / probed, 1) if probed else None,
+                        "base_recalled": base_recalled if base is not None and name in base.probes else None,
+                        "note": notes.get(name.split("-")[0], "")})
+    return verdicts, summary
