@@ -158,3 +158,18 @@ def test_budget_settings_out_of_range_are_refused(tmp_path, key, val):
     cfg.write_text(f"{key}: {val}\n")
     with pytest.raises(InputFileError, match=key):
         load_config(cfg)
+
+
+@pytest.mark.parametrize("native, onednn, want", [(True, True, "bfloat16"), (False, True, "float32"),
+                                                   (True, False, "float32"), (False, False, "float32")])
+def test_auto_takes_bfloat16_only_where_the_cpu_computes_it_natively(monkeypatch, native, onednn, want):
+    """oneDNN says yes on AVX-512 CPUs that emulate bfloat16 (5x slower): auto must not take it there."""
+    import torch
+
+    from zu_cli.budget import optim_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    assert optim_dtype(torch.device("cpu"), "auto") == want
+    assert optim_dtype(torch.device("cpu"), "bfloat16") == "bfloat16"  # asked for: given

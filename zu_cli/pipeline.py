@@ -99,9 +99,10 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     from .keep import keep_prompts, solve_moments
     from .calibrate import settings
     from .keys import load_signing_key
+    from .budget import optim_dtype
     from .probes import probe, token_ranks
     from .requests import load_requests
-    from .text import neutral_ids
+    from .text import input_device, neutral_ids
 
     t: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -177,6 +178,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
         source={"path_name": ckpt.name, "files": source_digests, **({"hub": ckpt.hub} if ckpt.hub else {})},
         edit={"variant": variant, "layers": layers, "layers_chosen_by": how, "neutral": opts.neutral,
               "hyperparameters": hp.to_dict(), "from_calibration": calibrated, "sensitive": sens_kind,
+              "optim_dtype_used": optim_dtype(input_device(model), hp.optim_dtype),
               "seed": hp.seed, "calibration": profile.summary() if profile else None,
               "context_templates": len(templates),
               "stats_corpus": {"source": "file" if opts.stats_corpus else "model-samples", "digest": corpus_digest},
