@@ -198,7 +198,13 @@ def render_manifest(stmt: dict[str, Any], out: Output) -> None:
     e, signer = p.get("edit", {}), p.get("signer", {})
     out.err.print(f"[bold]zu edit manifest[/bold] ({stmt.get('predicateType')}) - not verified here; "
                   "run `zu verify --model DIR` to check it")
-    out.err.print(f"signer: {signer.get('algorithm')} key {signer.get('keyid')}")
+    out.err.print(f"signer: {signer.get('algorithm')} key {signer.get('keyid')} "
+                  f"({'model.sig' if signer.get('format') == 'model-signing' else 'zu-manifest.dsse.json'})")
+    parent = p.get("lineage", {}).get("parent")
+    if parent:
+        out.err.print(f"history: edit {p['lineage']['depth']} of a chain; parent manifest {parent['manifest_sha256'][:16]}… "
+                      f"signed by {str(parent['keyid'])[:16]}…, {parent['requests']} requests ({parent['history']}; "
+                      "`zu log` lists the chain)")
     out.err.print(f"source: {p.get('source', {}).get('path_name')} ({len(p.get('source', {}).get('files', {}))} files)")
     out.err.print("versions: " + ", ".join(f"{k} {v}" for k, v in p.get("versions", {}).items()))
     out.err.print(f"edit: {e.get('variant')} on layers {e.get('layers')} ({e.get('layers_chosen_by')}), "

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .manifest import ENVELOPE, SIGNATURE
+from .manifest import SIGNATURE
 
 
 def _hashing():
@@ -106,12 +106,3 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, ValueError) and text.startswith("Signature mismatch"):
         return text
     return f"signature does not verify ({text or type(exc).__name__})"
-
-
-def describe(root: Path) -> dict[str, Any]:
-    """What signs ``root``: ``{"format": "model-signing" | "zu-dsse" | None}`` (no check)."""
-    if (root / SIGNATURE).is_file():
-        return {"format": "model-signing", "file": SIGNATURE}
-    if (root / ENVELOPE).is_file():
-        return {"format": "zu-dsse", "file": ENVELOPE}
-    return {"format": None}
