@@ -6,7 +6,7 @@ Example (docs/python.md; a test runs it verbatim)::
     from zu_cli import unlearn, verify
 
     result = unlearn("./ckpt", "forget.jsonl", "./ckpt-clean")
-    print(result.counts)          # {'forgotten': 1, 'still_recalled': 0, ...}
+    result.counts                 # {'forgotten': 1, 'still_recalled': 0, ...}
     report = verify("./ckpt-clean", forget="forget.jsonl")
     assert report.exit_code == 0  # 0 pass, 1 a probe failed, 4 integrity
 

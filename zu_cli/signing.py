@@ -13,7 +13,6 @@ import os
 import secrets
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from .manifest import SIGNATURE
 
