@@ -52,3 +52,18 @@ def test_import_stays_light():
     code = "import sys, zu_cli; print('torch' in sys.modules, 'zu_cli.api' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == \
         ["False", "False"]
+
+
+def test_verify_is_the_function_after_every_module_is_loaded():
+    """``from zu_cli import verify`` must not give a submodule of that name once the pipeline ran."""
+    import importlib
+    import pkgutil
+
+    import zu_cli
+
+    for mod in pkgutil.iter_modules(zu_cli.__path__):
+        if mod.name != "__main__":  # that one runs the CLI
+            importlib.import_module(f"zu_cli.{mod.name}")
+    from zu_cli import unlearn, verify
+
+    assert callable(verify) and callable(unlearn) and verify.__module__ == "zu_cli.api"

@@ -74,7 +74,7 @@ def verify(model: str | Path, *, forget: str | Path | None = None, public_key: s
     """Check the signed manifest (and the history chain), then probe the requests in ``forget``.
 
     Returns:
-        A ``verify.VerifyReport``: ``exit_code`` (0 pass, 1 a probe failed, 4 integrity),
+        A ``verdicts.VerifyReport``: ``exit_code`` (0 pass, 1 a probe failed, 4 integrity),
         ``integrity`` (problems, signer, links), ``requests``, ``metrics``; ``to_json()`` as ``--json``.
 
     Raises:

@@ -11,7 +11,7 @@ knowledge back in published studies, each run on the loaded model and probed (is
 - ``lens``: the logit lens (``--deep``) after the last edited layer.
 
 Each returns, per request, what the attacked model gives on that request's prompts: the verdicts
-are ``verify.judge_attacks``'.
+are ``verdicts.judge_attacks``'.
 """
 
 from __future__ import annotations

@@ -315,7 +315,7 @@ def verify(
     from .attacks import QUANT_FORMATS, AttackSettings, parse_attacks
     from .pipeline_verify import VerifyOptions, run_verify
     from .render import render_integrity, render_verify, write_junit
-    from .verify import Criteria
+    from .verdicts import Criteria
 
     output = Output(json_mode=json_out, reveal=reveal)
     attacks = parse_attacks(attack)

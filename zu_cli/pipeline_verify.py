@@ -52,7 +52,7 @@ def run_verify(opts: VerifyOptions, out: Output, on_integrity: Callable[[Any], N
     from .keys import load_public_key
     from .probes import read_text
     from .requests import load_requests
-    from .verify import Criteria, VerifyReport, deep_report, judge, measure, metrics
+    from .verdicts import Criteria, VerifyReport, deep_report, judge, measure, metrics
 
     check_load_options(opts.device_map, opts.dtype)
     if opts.attacks and opts.forget is None:
@@ -99,7 +99,7 @@ def run_verify(opts: VerifyOptions, out: Output, on_integrity: Callable[[Any], N
     if opts.deep:
         report.deep = deep_report(requests, after, base, crit, out)
     if opts.attacks:
-        from .verify import judge_attacks
+        from .verdicts import judge_attacks
 
         forget = [r["probes"][0] for r in report.requests]
         report.attacks, report.attack_summary = judge_attacks(requests, forget, attacked["after"],

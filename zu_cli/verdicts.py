@@ -1,4 +1,4 @@
-"""`zu verify`: probe a checkpoint for forgotten and kept knowledge, judge it, report (design §4).
+"""`zu verify`'s verdicts: probe a checkpoint for forgotten and kept knowledge, judge it, report (design §4).
 
 A model is measured once (``measure``); the verdicts compare those numbers with the criteria and,
 with ``--baseline``, with the base model's numbers (``judge``).
