@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .manifest import SIGNATURE
+
 CARD = "README.md"
 START = "<!-- zu:unlearning:start -->"
 END = "<!-- zu:unlearning:end -->"
@@ -43,7 +45,7 @@ class CardInfo:
 def section(info: CardInfo) -> str:
     """The "Unlearning" section, between markers so a later edit replaces it."""
     verify = ["zu verify --model . --public-key zu-signing.pub"]
-    if info.signature == "model.sig":
+    if info.signature == SIGNATURE:
         verify.append("model_signing verify key --signature model.sig --public_key zu-signing.pub .")
     history = (f"\n- Earlier zu edits of this checkpoint: {info.earlier_edits} (their signed manifests are in "
                "`zu-history/`; `zu log .` lists them)" if info.earlier_edits else "")

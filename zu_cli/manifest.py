@@ -32,6 +32,12 @@ SIGNATURE = "model.sig"  # signing.SIGNATURE, named here too so reading a manife
 SIGNING_FILES = frozenset({MANIFEST, ENVELOPE, SIGNATURE})
 
 
+def signature_format(algorithm: str) -> tuple[str, str]:
+    """(``signer.format``, file) a key of ``algorithm`` signs with: model-signing takes EC keys
+    only, so Ed25519 keys sign zu's own DSSE envelope."""
+    return ("zu-dsse", ENVELOPE) if algorithm == "ed25519" else ("model-signing", SIGNATURE)
+
+
 def has_manifest(path: Path) -> bool:
     """Whether the directory holds a zu manifest (any of its files)."""
     return any((Path(path) / name).is_file() for name in SIGNING_FILES)
@@ -151,7 +157,7 @@ def write_manifest(out_dir: Path, predicate: dict[str, Any], key) -> dict[str, A
     """
     predicate = {**predicate, "signer": {"keyid": key.keyid, "algorithm": key.algorithm,
                                          "public_key": key.public_pem,
-                                         "format": "zu-dsse" if key.algorithm == "ed25519" else "model-signing"}}
+                                         "format": signature_format(key.algorithm)[0]}}
     for name in SIGNING_FILES:
         (out_dir / name).unlink(missing_ok=True)
     stmt = statement(out_dir, predicate)

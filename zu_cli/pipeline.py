@@ -225,12 +225,13 @@ def input_lineage(src: Path, fingerprint: str, out: Output) -> dict[str, Any]:
 def card_info(ckpt, predicate: dict[str, Any], key):
     """The model card's facts about this edit (card.CardInfo); no request text."""
     from .card import CardInfo
+    from .manifest import signature_format
 
     lineage = predicate["lineage"]
     return CardInfo(base_model=ckpt.hub["repo_id"] if ckpt.hub else ckpt.path.name, date=predicate["created"][:10],
                     variant=predicate["edit"]["variant"], layers=predicate["edit"]["layers"],
                     requests=predicate["requests"]["count"], keyid=key.keyid,
-                    signature="zu-manifest.dsse.json" if key.algorithm == "ed25519" else "model.sig",
+                    signature=signature_format(key.algorithm)[1],
                     earlier_edits=lineage["depth"] - 1)
 
 

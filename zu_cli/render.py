@@ -9,6 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from .console import Output
+from .manifest import ENVELOPE, SIGNATURE
 
 
 def unlearn_json(res) -> dict[str, Any]:
@@ -199,7 +200,7 @@ def render_manifest(stmt: dict[str, Any], out: Output) -> None:
     out.err.print(f"[bold]zu edit manifest[/bold] ({stmt.get('predicateType')}) - not verified here; "
                   "run `zu verify --model DIR` to check it")
     out.err.print(f"signer: {signer.get('algorithm')} key {signer.get('keyid')} "
-                  f"({'model.sig' if signer.get('format') == 'model-signing' else 'zu-manifest.dsse.json'})")
+                  f"({SIGNATURE if signer.get('format') == 'model-signing' else ENVELOPE})")
     parent = p.get("lineage", {}).get("parent")
     if parent:
         out.err.print(f"history: edit {p['lineage']['depth']} of a chain; parent manifest {parent['manifest_sha256'][:16]}… "
