@@ -36,3 +36,22 @@ def test_hooks_removed_on_error():
         with TraceDict(m, ["0", "2"]):
             m(torch.randn(2, 5))  # wrong width
     assert all(not mod._forward_hooks for mod in m)
+
+
+def test_contiguous_head_feeds_the_head_a_dense_input_without_changing_logits(tiny_models):
+    """load_model installs it: a logits_to_keep slice reaches the head contiguous, logits unchanged."""
+    from zu_cli.checkpoint import load_model, open_checkpoint
+
+    model, _ = load_model(open_checkpoint(tiny_models["llama"]), device_map="cpu", dtype="float32")
+    head, seen = model.get_output_embeddings(), []
+    ids = torch.randint(0, 50, (3, 9))
+    with Trace(model, "lm_head", retain_input=True) as t:
+        out = model(input_ids=ids, logits_to_keep=4).logits
+    seen.append(t.input.is_contiguous())
+    assert seen == [True]
+    # the same projection computed without any hook: identical values
+    with torch.no_grad():
+        h = model.model(input_ids=ids).last_hidden_state[:, -4:]
+        assert not h.is_contiguous()
+        ref = torch.nn.functional.linear(h, head.weight, head.bias)
+    assert torch.allclose(out, ref, atol=1e-6)

@@ -240,6 +240,8 @@ def load_model(ckpt: Checkpoint, device_map: str = "auto", max_memory: str | Non
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from .hooks import contiguous_head
+
     hf_logging.disable_progress_bar()  # zu shows its own progress; tqdm bars would interleave on stderr
     dm = resolve_device_map(device_map)
     kwargs: dict[str, Any] = {"dtype": compute_dtype(dtype, dm), "device_map": dm}
@@ -258,6 +260,7 @@ def load_model(ckpt: Checkpoint, device_map: str = "auto", max_memory: str | Non
         raise CheckpointError(f"{ckpt.path}: cannot load the model ({str(exc).splitlines()[0]})") from exc
     model.eval()
     model.requires_grad_(False)
+    contiguous_head(model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok

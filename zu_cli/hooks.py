@@ -24,6 +24,31 @@ def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
         raise LookupError(f"model has no module {name!r}") from exc
 
 
+def contiguous_head(model: torch.nn.Module) -> None:
+    """Make the output embedding's input contiguous on every call, for the model's lifetime.
+
+    Under ``logits_to_keep`` the head gets a strided slice ``hidden[:, -k:]``; torch.matmul does not
+    fold a strided 3-D input into one matrix product but expands the weight into a batched one,
+    reading the whole vocabulary matrix once per row (measured, 70 rows of SmolLM2's head on
+    CPU: 1.3 s instead of 0.11 s, forward and backward). Zu's sampling, probes, tracing and
+    target search all project a few positions of many rows. Unlike the tracing hooks this one
+    changes no value, so it stays installed (``checkpoint.load_model``).
+
+    Args:
+        model: a causal LM; one without an output embedding is left as it is.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return
+
+    def pre(_mod, args, kwargs):
+        if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+            return (args[0].contiguous(), *args[1:]), kwargs
+        return None
+
+    head.register_forward_pre_hook(pre, with_kwargs=True)
+
+
 def _first(x: Any) -> torch.Tensor:
     return x[0] if isinstance(x, tuple) else x
 
