@@ -20,7 +20,8 @@ class Hyper:
     Neutral target (§2.3): Adam for ``z_steps`` at ``z_lr``; the delta norm is clamped to
     ``z_clamp`` times the hidden state's norm; ``z_kl`` weights the KL term on "{subject} is a";
     ``z_weight_decay`` the delta's squared norm; stop early once the neutral target's mean
-    probability reaches ``z_stop_prob`` (each request on its own). ``optim_dtype``: precision of
+    probability reaches ``z_stop_prob`` (each request on its own); ``z_answer`` weights an
+    unlikelihood term on the true answer's first token (0: off, the reference). ``optim_dtype``: precision of
     the optimisation's forward passes (``auto``: bfloat16 autocast where the device does it fast);
     ``prefix_cache``: run the tokens before each lookup token once and keep their keys and values
     (they cannot change with the delta) instead of recomputing them every step (prefix.py);
@@ -68,6 +69,7 @@ class Hyper:
     z_kl: float = 0.0625
     z_weight_decay: float = 0.5
     z_stop_prob: float = 0.95
+    z_answer: float = 0.0
     optim_dtype: str = "auto"
     prefix_cache: bool = True
     batch_requests: int = 0

@@ -143,7 +143,8 @@ def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs: bool 
 
 def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, modules: list[str], start: int, n: int,
                     hp: Hyper, steps: int, stop_prob: float, out: Output, label: str,
-                    margin: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    margin: bool = False, avoid: list[int] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Find one additive vector per (request, module) at the lookup token that makes the model emit
     each row's target (reference compute_z, batched over all requests).
 
@@ -163,6 +164,9 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
             log-probability. For pushing toward an answer the model already gives with
             probability ~1 the log-probability is flat (its gradient underflows to zero), the
             margin is not; only the push's direction is used.
+        avoid: per row of ``rows``, a token (the true answer's first) whose probability where the
+            target starts is pushed down with weight ``hp.z_answer`` (unlikelihood,
+            -log(1 - p)); None or a zero weight: not used.
 
     Returns:
         (delta (n, len(modules), d), base output at the lookup averaged over rows (n, len(modules), d),
@@ -185,6 +189,10 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
             tgt_col.append(keep - len(t) + j)
             tgt_id.append(tid)
     tgt_row, tgt_col, tgt_id = (torch.tensor(x, device=dev) for x in (tgt_row, tgt_col, tgt_id))
+    use_avoid = avoid is not None and hp.z_answer > 0
+    if use_avoid:  # (main rows,): where each row's target starts, and the answer token there
+        av_col = torch.tensor([keep - len(t) for t in rows.targets], device=dev)
+        av_id = torch.tensor(avoid, device=dev)
     delta = None
     base: dict[int, torch.Tensor] = {}
 
@@ -245,6 +253,10 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, mod
                     cur = logp[n_main:, -1]
                     loss = loss + hp.z_kl * F.kl_div(cur, kl_ref, log_target=True, reduction="batchmean")
                 loss = loss + hp.z_weight_decay * ((delta.norm(dim=-1) / hnorm.clamp_min(1e-6)) ** 2).mean()
+                if use_avoid:
+                    p_ans = logp[torch.arange(n_main, device=dev), av_col, av_id].exp()  # (main rows,)
+                    unlike = -torch.log1p(-p_ans.clamp(max=1 - 1e-6))
+                    loss = loss + hp.z_answer * _mean_by(own, unlike, n).mean()
                 advance()
                 if bool(done.all()):
                     break
@@ -343,10 +355,12 @@ def _targets_batch(model, tok, spec: ArchSpec, requests: list[Request], layers: 
         # plus its own delta (update.edit_layers).
         mods = [spec.down_proj_module(l) for l in layers]
         z, _, z_prob = optimize_deltas(model, tok, spec, z_rows, kl_rows(tok, requests), mods, layers[0], n, hp,
-                                       hp.z_steps, hp.z_stop_prob, out, "neutral targets" + where)  # (n, L, d)
+                                       hp.z_steps, hp.z_stop_prob, out, "neutral targets" + where,
+                                       avoid=_answer_tokens(tok, requests, z_rows))  # (n, L, d)
         return z, z_prob, _sensitive(model, tok, spec, requests, layers, templates, hp, sensitive, out, where)
     delta, _, z_prob = optimize_deltas(model, tok, spec, z_rows, kl_rows(tok, requests), [last], layers[-1], n, hp,
-                                       hp.z_steps, hp.z_stop_prob, out, "neutral targets" + where)
+                                       hp.z_steps, hp.z_stop_prob, out, "neutral targets" + where,
+                                       avoid=_answer_tokens(tok, requests, z_rows))
     # z is the bare prompt's own state plus the delta, as in the reference (MEMIT's compute_z):
     # update.edit_layers measures the residual z - h on the bare prompt, so a template-averaged
     # base here would add the bare prompt's offset from that average to every target (at an
@@ -354,6 +368,12 @@ def _targets_batch(model, tok, spec: ArchSpec, requests: list[Request], layers: 
     bare = outputs_at(model, tok, build_rows(tok, requests, ["{}"]), [last], n)[last]  # (n, d) float64
     z = bare.float() + delta[:, 0]  # (n, d)
     return z, z_prob, _sensitive(model, tok, spec, requests, layers, templates, hp, sensitive, out, where)
+
+
+def _answer_tokens(tok, requests: list[Request], rows: Rows) -> list[int]:
+    """The first token of each row's request's true answer (what ``z_answer`` pushes down)."""
+    first = [encode_target(tok, r.target)[0] for r in requests]
+    return [first[i] for i in rows.owner]
 
 
 def _sensitive(model, tok, spec: ArchSpec, requests: list[Request], layers: list[int], templates: list[str],
