@@ -241,7 +241,6 @@ def load_model(ckpt: Checkpoint, device_map: str = "auto", max_memory: str | Non
     from transformers.utils import logging as hf_logging
 
     from .hooks import contiguous_head
-
     hf_logging.disable_progress_bar()  # zu shows its own progress; tqdm bars would interleave on stderr
     dm = resolve_device_map(device_map)
     kwargs: dict[str, Any] = {"dtype": compute_dtype(dtype, dm), "device_map": dm}
