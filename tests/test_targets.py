@@ -11,7 +11,8 @@ import torch
 from zu_cli.checkpoint import load_model, open_checkpoint
 from zu_cli.config import Hyper
 from zu_cli.console import silent
-from zu_cli.edit import build_rows, kl_rows, optimize_deltas
+from zu_cli.delta import optimize_deltas
+from zu_cli.edit import build_rows, kl_rows
 from zu_cli.requests import Request
 from zu_cli.text import encode_target
 

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .arch import ArchSpec, num_layers
-from .budget import bytes_per_token, model_bytes, optim_autocast, optim_dtype, plan_batches
+from .budget import bytes_per_token, model_bytes, optim_dtype, plan_batches
 from .config import Hyper
 from .console import Output
-from .hooks import Trace, TraceDict, replay_below
-from .prefix import row_batch
+from .delta import mean_by, optimize_deltas
+from .hooks import TraceDict
 from .requests import Request
 from .text import as_tokens, encode, encode_target, input_device, left_pad, sample, subject_positions
 
@@ -106,17 +104,6 @@ def kl_rows(tok, requests: list[Request]) -> Rows:
     return rows
 
 
-def _mean_by(owner: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
-    """Mean of the rows of ``x`` (rows, ...) grouped by ``owner`` (rows,) into (n, ...)."""
-    acc = torch.zeros((n,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device).index_add_(0, owner, x)
-    cnt = torch.bincount(owner, minlength=n).clamp_min(1).to(x.dtype)
-    return acc / cnt.reshape((n,) + (1,) * (x.dim() - 1))
-
-
-def _concat(a: Rows, b: Rows) -> Rows:
-    return Rows(a.seqs + b.seqs, a.lookup + b.lookup, a.owner + b.owner, a.targets + b.targets)
-
-
 @torch.no_grad()
 def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs: bool = False,
                chunk: int = 16) -> dict[str, torch.Tensor]:
@@ -138,138 +125,7 @@ def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs: bool 
             x = as_tokens(td[m].input if inputs else td[m].output, *batch.ids.shape)  # (rows, seq, dim)
             picked[m].append(x[torch.arange(len(look)), look.to(x.device)].to(device="cpu", dtype=torch.float64))
     owner = torch.tensor(rows.owner)
-    return {m: _mean_by(owner, torch.cat(picked[m]), n) for m in modules}  # (n, dim)
-
-
-def optimize_deltas(model, tok, spec: ArchSpec, rows: Rows, kl: Rows | None, modules: list[str], start: int, n: int,
-                    hp: Hyper, steps: int, stop_prob: float, out: Output, label: str,
-                    margin: bool = False, avoid: list[int] | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Find one additive vector per (request, module) at the lookup token that makes the model emit
-    each row's target (reference compute_z, batched over all requests).
-
-    Args:
-        rows: prompt rows with targets (their last len(target)-1 tokens appended).
-        kl: "{subject} is a" rows whose next-token distribution should not move, or None.
-        modules: modules whose output gets the vector (a decoder layer, or down-projections).
-        start: index of the lowest decoder layer among ``modules``; layers below it are run once
-            and replayed in the optimisation steps (their output cannot change).
-        n: number of requests.
-        hp: hyperparameters (lr, clamp, KL weight, weight decay).
-        steps: Adam steps.
-        stop_prob: a request's delta stops moving once its mean target probability exceeds this
-            (the reference optimises one request at a time and stops each on its own); the
-            loop ends when every request is there.
-        margin: maximise the target's logit margin over the rest of the vocabulary instead of its
-            log-probability. For pushing toward an answer the model already gives with
-            probability ~1 the log-probability is flat (its gradient underflows to zero), the
-            margin is not; only the push's direction is used.
-        avoid: per row of ``rows``, a token (the true answer's first) whose probability where the
-            target starts is pushed down with weight ``hp.z_answer`` (unlikelihood,
-            -log(1 - p)); None or a zero weight: not used.
-
-    Returns:
-        (delta (n, len(modules), d), base output at the lookup averaged over rows (n, len(modules), d),
-        final target probability per request (n,)); float32 on CPU. The base outputs come from a
-        float32 pass; only the optimisation steps run under ``hp.optim_dtype``.
-    """
-    allrows = _concat(rows, kl) if kl is not None and kl.seqs else rows
-    n_main = len(rows.seqs)
-    dev = input_device(model)
-    # Only the lookup token onwards depends on the delta: the prefixes run once (prefix.py).
-    batch = row_batch(model, allrows.seqs, allrows.lookup, tok.pad_token_id, dev, cached=hp.prefix_cache)
-    look = batch.look
-    owner = torch.tensor(allrows.owner, device=dev)
-    keep = max(len(t) for t in rows.targets)  # vocabulary projection only where a loss is taken
-    # Positions (within the kept logits) predicting each target token, and the token ids.
-    tgt_row, tgt_col, tgt_id = [], [], []
-    for r, t in enumerate(rows.targets):
-        for j, tid in enumerate(t):
-            tgt_row.append(r)
-            tgt_col.append(keep - len(t) + j)
-            tgt_id.append(tid)
-    tgt_row, tgt_col, tgt_id = (torch.tensor(x, device=dev) for x in (tgt_row, tgt_col, tgt_id))
-    use_avoid = avoid is not None and hp.z_answer > 0
-    if use_avoid:  # (main rows,): where each row's target starts, and the answer token there
-        av_col = torch.tensor([keep - len(t) for t in rows.targets], device=dev)
-        av_id = torch.tensor(avoid, device=dev)
-    delta = None
-    base: dict[int, torch.Tensor] = {}
-
-    def add_delta(output, name, _inp):
-        i = modules.index(name)
-        shape = output.shape
-        output = as_tokens(output, *batch.shape)
-        if i not in base:
-            base[i] = output[torch.arange(len(allrows.seqs), device=output.device), look.to(output.device)].detach()
-        d = delta[:, i].to(device=output.device, dtype=output.dtype)[owner.to(output.device)]  # (rows, d)
-        output = output.clone()
-        output[torch.arange(len(allrows.seqs), device=output.device), look.to(output.device)] += d
-        return output.reshape(shape)
-
-    kl_ref = None
-    probs = torch.zeros(n)
-    with TraceDict(model, modules, retain_output=False, edit_output=add_delta, detach=False):
-        with torch.no_grad(), Trace(model, spec.layer_module(start), retain_input=True) as first:
-            delta = torch.zeros(n, len(modules), 1, device=dev)  # broadcasts on the first pass
-            logits0 = model(**batch.kwargs(), logits_to_keep=keep).logits.float()
-        # Replaying the lower layers is exact only when a decoder layer returns a plain tensor.
-        replay = replay_below(model, spec.layers, start, first.input) if first.plain_output and start > 0 \
-            else contextlib.nullcontext()
-        dim = base[0].shape[-1]
-        own = owner[:n_main]
-        # (n, modules, d): each request's unedited output at the lookup, averaged over templates.
-        base_avg = torch.stack([_mean_by(own, base[i][:n_main].float().to(dev), n) for i in range(len(modules))], 1)
-        hnorm = base_avg.norm(dim=-1)  # (n, modules)
-        if n_main < len(allrows.seqs):
-            kl_ref = logits0[n_main:, -1].log_softmax(-1).detach()
-        # Adam moves each coordinate by about lr per step whatever the scale, so the delta is
-        # parametrised in units of the hidden state's RMS: the reference's lr then means the same
-        # on a model whose residual norms are 10 or 1000 (SmolLM2's are in the hundreds).
-        unit = (hnorm / dim ** 0.5).detach()[..., None]  # (n, modules, 1)
-        u = torch.zeros(n, len(modules), dim, device=dev, requires_grad=True)
-        opt = torch.optim.Adam([u], lr=hp.z_lr)
-        cast = optim_autocast(dev, hp.optim_dtype, model)
-        # Per-token values -> mean per row (over its target tokens) -> mean per request (over templates).
-        per_req = lambda x: _mean_by(own, _mean_by(tgt_row, x, n_main), n)
-        with replay, out.progress(label, steps) as advance:
-            for _ in range(steps):
-                opt.zero_grad()
-                delta = u * unit
-                with cast:
-                    logits = model(**batch.kwargs(), logits_to_keep=keep).logits.float()
-                logp = logits.log_softmax(-1)
-                tok_lp = logp[tgt_row, tgt_col, tgt_id]  # (target tokens,)
-                if margin:
-                    sel = logits[tgt_row, tgt_col]  # (target tokens, vocab)
-                    rest = sel.scatter(-1, tgt_id[:, None], float("-inf")).logsumexp(-1)
-                    tok_obj = sel.gather(-1, tgt_id[:, None])[:, 0] - rest
-                else:
-                    tok_obj = tok_lp
-                probs = per_req(tok_lp.detach()).exp().cpu()
-                done = (probs > stop_prob).to(dev)  # (n,)
-                loss = -per_req(tok_obj).mean()
-                if kl_ref is not None:
-                    cur = logp[n_main:, -1]
-                    loss = loss + hp.z_kl * F.kl_div(cur, kl_ref, log_target=True, reduction="batchmean")
-                loss = loss + hp.z_weight_decay * ((delta.norm(dim=-1) / hnorm.clamp_min(1e-6)) ** 2).mean()
-                if use_avoid:
-                    p_ans = logp[torch.arange(n_main, device=dev), av_col, av_id].exp()  # (main rows,)
-                    unlike = -torch.log1p(-p_ans.clamp(max=1 - 1e-6))
-                    loss = loss + hp.z_answer * _mean_by(own, unlike, n).mean()
-                advance()
-                if bool(done.all()):
-                    break
-                loss.backward()
-                frozen = u.detach()[done].clone()
-                opt.step()
-                with torch.no_grad():  # clamp each delta's norm to a fraction of the hidden state's
-                    u[done] = frozen
-                    limit = hp.z_clamp * hnorm
-                    scale = (limit / (u * unit).norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
-                    u.mul_(scale[..., None])
-        delta = u * unit
-    return delta.detach().float().cpu(), base_avg.cpu(), probs
+    return {m: mean_by(owner, torch.cat(picked[m]), n) for m in modules}  # (n, dim)
 
 
 def sensitive_outputs(model, tok, spec: ArchSpec, requests: list[Request], layers: list[int],
@@ -324,17 +180,22 @@ def plan(model, tok, spec: ArchSpec, requests: list[Request], layers: list[int],
     keep about ``hp.activation_budget`` times the model's weight bytes for the backward pass.
 
     Args:
-        requests, layers, templates, neutral, hp, sensitive: as for ``edit_targets``; the rows'
-            lengths and the layers back-propagated through (from the first edited layer when the
-            sensitive vectors are pushed, else from the last) size each request.
+        requests, layers, templates, neutral, hp, sensitive: as for ``edit_targets``; the tokens a
+            step runs per row (from the lookup token on when ``hp.prefix_cache``: the prefix is
+            cached, not kept for the backward pass) and the layers back-propagated through (from
+            the first edited layer when the sensitive vectors are pushed, else from the last) size
+            each request.
 
     Returns:
         Consecutive slices over ``requests``.
     """
     pushed = sensitive != "output"  # a second optimisation, through the down-projections of every layer
-    rows = [build_rows(tok, [r], templates, [t]) for r, t in zip(requests, neutral)]
-    sizes = [(len(z.seqs) + 1, max(len(s) for s in z.seqs) + (len(encode_target(tok, r.target)) if pushed else 0))
-             for z, r in zip(rows, requests)]  # +1: the "{subject} is a" row
+    sizes = []
+    for r, t in zip(requests, neutral):
+        rows = build_rows(tok, [r], templates, [t])
+        steps = [len(s) - l if hp.prefix_cache and l > 0 else len(s) for s, l in zip(rows.seqs, rows.lookup)]
+        # +1 row: "{subject} is a"; a pushed row also holds the true answer.
+        sizes.append((len(rows.seqs) + 1, max(steps) + (len(encode_target(tok, r.target)) if pushed else 0)))
     start = layers[0] if pushed else layers[-1]
     per_token = bytes_per_token(model, spec.down_proj_module(layers[0]), num_layers(spec, model.config) - start,
                                 optim_dtype(input_device(model), hp.optim_dtype))

@@ -1,0 +1,212 @@
+"""The delta optimisation (design §2.3-2.4): one additive vector per request, at its lookup token,
+that makes the model emit a target (the reference's compute_z, batched over every request)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .arch import ArchSpec
+from .budget import optim_autocast
+from .config import Hyper
+from .console import Output
+from .hooks import Trace, TraceDict, replay_below
+from .prefix import RowGroups
+from .text import as_tokens, input_device
+
+if TYPE_CHECKING:
+    from .edit import Rows
+
+
+def mean_by(owner: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of the rows of ``x`` (rows, ...) grouped by ``owner`` (rows,) into (n, ...)."""
+    acc = torch.zeros((n,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device).index_add_(0, owner, x)
+    cnt = torch.bincount(owner, minlength=n).clamp_min(1).to(x.dtype)
+    return acc / cnt.reshape((n,) + (1,) * (x.dim() - 1))
+
+
+class _Passes:
+    """Forward passes of every row group with each request's delta added at its rows' lookup tokens.
+
+    ``delta`` (n, modules, d), set by the caller before a pass, is read by ``add_delta``, the output
+    hook of each optimised module.
+    """
+
+    def __init__(self, model, spec: ArchSpec, groups: RowGroups, modules: list[str], owner: torch.Tensor,
+                 start: int, keep: int):
+        self.model, self.spec, self.groups, self.modules = model, spec, groups, modules
+        self.owner, self.start, self.keep = owner, start, keep
+        self.delta: torch.Tensor | None = None
+        self.part = groups.parts[0]  # the group being run
+        self.recorded: dict[int, list[torch.Tensor]] | None = None  # module -> per group (k, d), first pass only
+        self.inputs: list[torch.Tensor] = []  # per group: the input of layer ``start``, replayed by every step
+        self.replayable = False
+
+    def add_delta(self, output: torch.Tensor, name: str, _inp) -> torch.Tensor:
+        """Output hook: the module's output plus the delta at the lookup token of each row of the group."""
+        i = self.modules.index(name)
+        shape = output.shape
+        output = as_tokens(output, *self.part.batch.shape)  # (k, S, d)
+        at = (torch.arange(len(self.part.rows), device=output.device), self.part.batch.look.to(output.device))
+        if self.recorded is not None:
+            self.recorded[i].append(output[at].detach())
+        d = self.delta[:, i].to(device=output.device, dtype=output.dtype)  # (n, d)
+        output = output.clone()
+        output[at] += d[self.owner[self.part.rows].to(output.device)]
+        return output.reshape(shape)
+
+    @torch.no_grad()
+    def first(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The pass before any step (``delta`` zero): it records what the steps replay.
+
+        Returns:
+            (logits (rows, keep, vocab) float32, module index -> its output at the lookup (rows, d)),
+            both in row order.
+        """
+        self.recorded = {i: [] for i in range(len(self.modules))}
+        logits = []
+        for part in self.groups.parts:
+            self.part = part
+            with Trace(self.model, self.spec.layer_module(self.start), retain_input=True) as below:
+                logits.append(self._logits(part))
+            self.inputs.append(below.input)
+            # Replaying the lower layers is exact only when a decoder layer returns a plain tensor.
+            self.replayable = below.plain_output and self.start > 0
+        base = {i: torch.cat(v)[self.groups.order] for i, v in self.recorded.items()}
+        self.recorded = None
+        return torch.cat(logits)[self.groups.order], base
+
+    def step(self, cast) -> torch.Tensor:
+        """One pass with the current deltas, layers below ``start`` replayed; logits (rows, keep, vocab) float32."""
+        logits = []
+        for part, below in zip(self.groups.parts, self.inputs):
+            self.part = part
+            replay = replay_below(self.model, self.spec.layers, self.start, below) if self.replayable \
+                else contextlib.nullcontext()
+            with replay, cast:
+                logits.append(self._logits(part))
+        return torch.cat(logits)[self.groups.order]
+
+    def _logits(self, part) -> torch.Tensor:
+        """The group's last ``keep`` logits (k, keep, vocab) float32. A group of rows shorter than
+        ``keep`` (their targets are shorter too) gets unread columns in front."""
+        logits = self.model(**part.batch.kwargs(), logits_to_keep=self.keep).logits.float()
+        return F.pad(logits, (0, 0, self.keep - logits.shape[1], 0))
+
+
+def _target_index(rows: "Rows", keep: int, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per scored target token: its row, its column among the kept logits, its id (each (tokens,))."""
+    tgt_row, tgt_col, tgt_id = [], [], []
+    for r, t in enumerate(rows.targets):
+        for j, tid in enumerate(t):
+            tgt_row.append(r)
+            tgt_col.append(keep - len(t) + j)
+            tgt_id.append(tid)
+    return tuple(torch.tensor(x, device=dev, dtype=torch.long) for x in (tgt_row, tgt_col, tgt_id))
+
+
+def optimize_deltas(model, tok, spec: ArchSpec, rows: "Rows", kl: "Rows | None", modules: list[str], start: int,
+                    n: int, hp: Hyper, steps: int, stop_prob: float, out: Output, label: str,
+                    margin: bool = False, avoid: list[int] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Find one additive vector per (request, module) at the lookup token that makes the model emit
+    each row's target (reference compute_z, batched over all requests).
+
+    Rows are run in groups of similar length (``prefix.RowGroups``), and from their lookup token
+    on only when ``hp.prefix_cache``; the result does not depend on the grouping.
+
+    Args:
+        rows: prompt rows with targets (their last len(target)-1 tokens appended).
+        kl: "{subject} is a" rows whose next-token distribution should not move, or None.
+        modules: modules whose output gets the vector (a decoder layer, or down-projections).
+        start: index of the lowest decoder layer among ``modules``; layers below it are run once
+            and replayed in the optimisation steps (their output cannot change).
+        n: number of requests.
+        hp: hyperparameters (lr, clamp, KL weight, weight decay).
+        steps: Adam steps.
+        stop_prob: a request's delta stops moving once its mean target probability exceeds this
+            (the reference optimises one request at a time and stops each on its own); the
+            loop ends when every request is there.
+        margin: maximise the target's logit margin over the rest of the vocabulary instead of its
+            log-probability. For pushing toward an answer the model already gives with
+            probability ~1 the log-probability is flat (its gradient underflows to zero), the
+            margin is not; only the push's direction is used.
+        avoid: per row of ``rows``, a token (the true answer's first) whose probability where the
+            target starts is pushed down with weight ``hp.z_answer`` (unlikelihood,
+            -log(1 - p)); None or a zero weight: not used.
+
+    Returns:
+        (delta (n, len(modules), d), base output at the lookup averaged over rows (n, len(modules), d),
+        final target probability per request (n,)); float32 on CPU. The base outputs come from a
+        float32 pass; only the optimisation steps run under ``hp.optim_dtype``.
+    """
+    allrows = rows if kl is None or not kl.seqs else type(rows)(
+        rows.seqs + kl.seqs, rows.lookup + kl.lookup, rows.owner + kl.owner, rows.targets + kl.targets)
+    n_main = len(rows.seqs)
+    dev = input_device(model)
+    groups = RowGroups(model, allrows.seqs, allrows.lookup, tok.pad_token_id, dev, cached=hp.prefix_cache)
+    keep = max(len(t) for t in rows.targets)  # vocabulary projection only where a loss is taken
+    tgt_row, tgt_col, tgt_id = _target_index(rows, keep, dev)
+    use_avoid = avoid is not None and hp.z_answer > 0
+    if use_avoid:  # (main rows,): where each row's target starts, and the answer token there
+        av_col = torch.tensor([keep - len(t) for t in rows.targets], device=dev)
+        av_id = torch.tensor(avoid, device=dev)
+    passes = _Passes(model, spec, groups, modules, torch.tensor(allrows.owner, device=dev), start, keep)
+    own = passes.owner[:n_main]
+    probs = torch.zeros(n)
+    with TraceDict(model, modules, retain_output=False, edit_output=passes.add_delta, detach=False):
+        passes.delta = torch.zeros(n, len(modules), 1, device=dev)  # broadcasts on the first pass
+        logits0, base = passes.first()
+        dim = base[0].shape[-1]
+        # (n, modules, d): each request's unedited output at the lookup, averaged over templates.
+        base_avg = torch.stack([mean_by(own, base[i][:n_main].float().to(dev), n) for i in range(len(modules))], 1)
+        hnorm = base_avg.norm(dim=-1)  # (n, modules)
+        kl_ref = logits0[n_main:, -1].log_softmax(-1).detach() if n_main < len(allrows.seqs) else None
+        # Adam moves each coordinate by about lr per step whatever the scale, so the delta is
+        # parametrised in units of the hidden state's RMS: the reference's lr then means the same
+        # on a model whose residual norms are 10 or 1000 (SmolLM2's are in the hundreds).
+        unit = (hnorm / dim ** 0.5).detach()[..., None]  # (n, modules, 1)
+        u = torch.zeros(n, len(modules), dim, device=dev, requires_grad=True)
+        opt = torch.optim.Adam([u], lr=hp.z_lr)
+        cast = optim_autocast(dev, hp.optim_dtype, model)
+        # Per-token values -> mean per row (over its target tokens) -> mean per request (over templates).
+        per_req = lambda x: mean_by(own, mean_by(tgt_row, x, n_main), n)
+        with out.progress(label, steps) as advance:
+            for _ in range(steps):
+                opt.zero_grad()
+                passes.delta = u * unit
+                logits = passes.step(cast)
+                logp = logits.log_softmax(-1)
+                tok_lp = logp[tgt_row, tgt_col, tgt_id]  # (target tokens,)
+                if margin:
+                    sel = logits[tgt_row, tgt_col]  # (target tokens, vocab)
+                    rest = sel.scatter(-1, tgt_id[:, None], float("-inf")).logsumexp(-1)
+                    tok_obj = sel.gather(-1, tgt_id[:, None])[:, 0] - rest
+                else:
+                    tok_obj = tok_lp
+                probs = per_req(tok_lp.detach()).exp().cpu()
+                done = (probs > stop_prob).to(dev)  # (n,)
+                loss = -per_req(tok_obj).mean()
+                if kl_ref is not None:
+                    cur = logp[n_main:, -1]
+                    loss = loss + hp.z_kl * F.kl_div(cur, kl_ref, log_target=True, reduction="batchmean")
+                loss = loss + hp.z_weight_decay * ((passes.delta.norm(dim=-1) / hnorm.clamp_min(1e-6)) ** 2).mean()
+                if use_avoid:
+                    p_ans = logp[torch.arange(n_main, device=dev), av_col, av_id].exp()  # (main rows,)
+                    unlike = -torch.log1p(-p_ans.clamp(max=1 - 1e-6))
+                    loss = loss + hp.z_answer * mean_by(own, unlike, n).mean()
+                advance()
+                if bool(done.all()):
+                    break
+                loss.backward()
+                frozen = u.detach()[done].clone()
+                opt.step()
+                with torch.no_grad():  # clamp each delta's norm to a fraction of the hidden state's
+                    u[done] = frozen
+                    limit = hp.z_clamp * hnorm
+                    scale = (limit / (u * unit).norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
+                    u.mul_(scale[..., None])
+    return (u * unit).detach().float().cpu(), base_avg.cpu(), probs
