@@ -9,6 +9,9 @@ scale), so splitting them into batches changes the memory and not the result.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import sys
 
 import torch
 
@@ -191,3 +194,19 @@ def plan_batches(rows_per_request: list[tuple[int, int]], per_token: int, budget
     if n:
         out.append(slice(start, n))
     return out
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the operating system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Why: batches of different shapes leave glibc's heap fragmented, and the process keeps the
+    pages. On SmolLM2 the targets stage of 30 requests, one per batch, grew resident memory by
+    184 MiB without a trim after each batch and by 89 MiB with one, and at 50 requests that growth
+    is what pushed the peak past twice the checkpoint.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):  # absent from musl
+        libc.malloc_trim(0)

@@ -73,7 +73,7 @@ class Hyper:
     optim_dtype: str = "auto"
     prefix_cache: bool = True
     batch_requests: int = 0
-    activation_budget: float = 0.25
+    activation_budget: float = 0.2
     sens_steps: int = 25
     sensitive: str = "auto"
     project_general: bool = False

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .arch import ArchSpec, num_layers
-from .budget import bytes_per_token, model_bytes, optim_dtype, plan_batches
+from .budget import bytes_per_token, model_bytes, optim_dtype, plan_batches, trim_heap
 from .config import Hyper
 from .console import Output
 from .delta import mean_by, optimize_deltas
@@ -167,9 +167,11 @@ def edit_targets(model, tok, spec: ArchSpec, requests: list[Request], layers: li
         layer -> M_f (n, d) sensitive down-projection outputs), float32 on CPU.
     """
     batches = plan(model, tok, spec, requests, layers, templates, neutral, hp, sensitive)
-    parts = [_targets_batch(model, tok, spec, requests[b], layers, templates, neutral[b], hp, sensitive, out,
-                            f" (requests {b.start + 1}-{b.stop} of {len(requests)})" if len(batches) > 1 else "")
-             for b in batches]
+    parts = []
+    for b in batches:
+        parts.append(_targets_batch(model, tok, spec, requests[b], layers, templates, neutral[b], hp, sensitive, out,
+                                    f" (requests {b.start + 1}-{b.stop} of {len(requests)})" if len(batches) > 1 else ""))
+        trim_heap()  # the next batch's peak then starts from what this one keeps, not what it freed
     return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
             {l: torch.cat([p[2][l] for p in parts]) for l in layers})
 
