@@ -173,3 +173,18 @@ def test_auto_takes_bfloat16_only_where_the_cpu_computes_it_natively(monkeypatch
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
     assert optim_dtype(torch.device("cpu"), "auto") == want
     assert optim_dtype(torch.device("cpu"), "bfloat16") == "bfloat16"  # asked for: given
+
+
+def test_batches_are_sized_by_the_tokens_a_step_runs(llama):
+    """With the prefix cached a step runs each row from its lookup token on, so more requests fit a budget."""
+    ckpt, model, tok, reqs = llama
+    tpl = context_templates(model, tok, Hyper(n_prefixes=2, prefix_len=4))
+    neutral = neutral_ids(tok, reqs, "eos")
+    counts = {}
+    for cached in (True, False):
+        for budget in [10 ** (k / 4) for k in range(-16, 9)]:
+            hp = Hyper(activation_budget=budget, prefix_cache=cached)
+            counts[cached, budget] = len(plan(model, tok, ckpt.spec, reqs, [1, 2], tpl, neutral, hp, "output"))
+    budgets = {b for _, b in counts}
+    assert all(counts[True, b] <= counts[False, b] for b in budgets)
+    assert any(counts[True, b] < counts[False, b] for b in budgets), counts
