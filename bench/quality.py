@@ -32,7 +32,8 @@ def quality(model, tok, facts: list[dict], text: str) -> dict:
 
 def metrics(model_dir: Path, facts: list[dict], text: str) -> dict:
     """``quality`` of a checkpoint on disk."""
-    from zu_cli.checkpoint import load_model, open_checkpoint
+    from zu_cli.checkpoint import open_checkpoint
+    from zu_cli.loading import load_model
 
     model, tok = load_model(open_checkpoint(model_dir), device_map="cpu", dtype="float32")
     return quality(model, tok, facts, text)

@@ -45,7 +45,8 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
     from zu_cli import edit, update
     from zu_cli.arch import num_layers
     from zu_cli.calibrate import MULTI_EXTRA, default_window, load_profile, settings
-    from zu_cli.checkpoint import load_model, open_checkpoint
+    from zu_cli.checkpoint import open_checkpoint
+    from zu_cli.loading import load_model
     from zu_cli.console import silent
     from zu_cli.errors import NumericalError
     from zu_cli.manifest import dir_digests, sha256_file_list

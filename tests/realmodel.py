@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 
 from conftest import DATA
-from zu_cli.checkpoint import load_model, open_checkpoint
+from zu_cli.checkpoint import open_checkpoint
+from zu_cli.loading import load_model
 from zu_cli.config import Hyper
 from zu_cli.console import silent
 from zu_cli.pipeline import UnlearnOptions, run_unlearn

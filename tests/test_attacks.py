@@ -77,7 +77,8 @@ def test_quant_round_trip_restores_the_weights(tiny_models):
     import torch
 
     from zu_cli.attacks import quant
-    from zu_cli.checkpoint import load_model, open_checkpoint
+    from zu_cli.checkpoint import open_checkpoint
+    from zu_cli.loading import load_model
     from zu_cli.requests import Request
 
     model, tok = load_model(open_checkpoint(tiny_models["llama"]), device_map="cpu", dtype="float32")

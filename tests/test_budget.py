@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from zu_cli.budget import bytes_per_token, casts_by_reference, model_bytes, optim_autocast, plan_batches
-from zu_cli.checkpoint import load_model, open_checkpoint
+from zu_cli.checkpoint import open_checkpoint
+from zu_cli.loading import load_model
 from zu_cli.config import Hyper, load_config
 from zu_cli.console import silent
 from zu_cli.edit import context_templates, edit_targets, plan

@@ -10,7 +10,8 @@ import torch
 
 from conftest import FAMILIES
 from zu_cli.arch import lookup
-from zu_cli.checkpoint import load_model, open_checkpoint, write_checkpoint
+from zu_cli.checkpoint import open_checkpoint, write_checkpoint
+from zu_cli.loading import load_model
 from zu_cli.errors import CheckpointError, UsageError
 
 

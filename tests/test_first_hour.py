@@ -210,7 +210,7 @@ def test_every_readme_block_parses_and_its_jsonl_is_one_document_per_line():
 
 
 def test_options_are_checked_before_anything_is_loaded(tiny_models, tmp_path, monkeypatch):
-    import zu_cli.checkpoint as ck
+    import zu_cli.loading as ck
 
     loads = []
     monkeypatch.setattr(ck, "load_model", lambda *a, **k: loads.append(1) or (_ for _ in ()).throw(AssertionError))

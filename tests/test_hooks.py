@@ -40,7 +40,8 @@ def test_hooks_removed_on_error():
 
 def test_contiguous_head_feeds_the_head_a_dense_input_without_changing_logits(tiny_models):
     """load_model installs it: a logits_to_keep slice reaches the head contiguous, logits unchanged."""
-    from zu_cli.checkpoint import load_model, open_checkpoint
+    from zu_cli.checkpoint import open_checkpoint
+    from zu_cli.loading import load_model
 
     model, _ = load_model(open_checkpoint(tiny_models["llama"]), device_map="cpu", dtype="float32")
     head, seen = model.get_output_embeddings(), []

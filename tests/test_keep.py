@@ -10,7 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import build_tokenizer
-from zu_cli.checkpoint import load_model, open_checkpoint
+from zu_cli.checkpoint import open_checkpoint
+from zu_cli.loading import load_model
 from zu_cli.cli import app
 from zu_cli.config import Hyper
 from zu_cli.console import silent

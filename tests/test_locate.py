@@ -21,7 +21,8 @@ def facts(fact_model_dir):
 
 @pytest.fixture(scope="module")
 def loaded(fact_model_dir):
-    from zu_cli.checkpoint import load_model, open_checkpoint
+    from zu_cli.checkpoint import open_checkpoint
+    from zu_cli.loading import load_model
 
     ckpt = open_checkpoint(fact_model_dir)
     model, tok = load_model(ckpt, device_map="cpu", dtype="float32")

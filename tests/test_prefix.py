@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import FAMILIES
-from zu_cli.checkpoint import load_model, open_checkpoint
+from zu_cli.checkpoint import open_checkpoint
+from zu_cli.loading import load_model
 from zu_cli.config import Hyper
 from zu_cli.console import silent
 from zu_cli.delta import optimize_deltas

@@ -11,7 +11,8 @@ import json
 import pytest
 
 from realmodel import check_quality, load_facts, scores, unlearn
-from zu_cli.checkpoint import load_model, open_checkpoint
+from zu_cli.checkpoint import open_checkpoint
+from zu_cli.loading import load_model
 from zu_cli.probes import probe
 
 pytestmark = pytest.mark.slow

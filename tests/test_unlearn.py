@@ -102,7 +102,7 @@ def test_statistics_are_cached_and_keyed_by_weights(tiny_models, tmp_path, monke
 
 
 def test_context_templates_are_deterministic(tiny_models):
-    from zu_cli.checkpoint import load_model
+    from zu_cli.loading import load_model
     from zu_cli.config import Hyper
     from zu_cli.edit import context_templates
 
@@ -151,7 +151,7 @@ def test_rows_never_look_up_at_the_attention_sink(tiny_models):
 
 def _hidden_change(src, out, prompts):
     """Mean relative change of the last hidden state over every token of ``prompts``."""
-    from zu_cli.checkpoint import load_model
+    from zu_cli.loading import load_model
 
     (m0, tok), (m1, _) = (load_model(open_checkpoint(d), device_map="cpu", dtype="float32") for d in (src, out))
     change = []
@@ -267,7 +267,7 @@ def test_a_model_that_knows_no_probe_facts_edits_the_default_window(tiny_models,
 def test_keep_moments_skip_the_first_token(tiny_models):
     """Keep statistics leave each prompt's first token (the attention sink) out; a prompt of one
     token then adds nothing, and never a division by zero."""
-    from zu_cli.checkpoint import load_model
+    from zu_cli.loading import load_model
     from zu_cli.console import silent
     from zu_cli.keep import keep_moments
 
@@ -298,7 +298,7 @@ def _accuracy(model_dir, facts, template=0):
 
 def _fact_ppl(model_dir, facts):
     """Perplexity of the facts' answers after their prompts (every template): the text the model was trained on."""
-    from zu_cli.checkpoint import load_model
+    from zu_cli.loading import load_model
     from zu_cli.probes import probe
 
     model, tok = load_model(open_checkpoint(model_dir), device_map="cpu", dtype="float32")
@@ -397,7 +397,7 @@ def test_closed_form_with_many_requests_points_to_multi(tiny_models, tmp_path, c
 def test_moments_taken_while_sampling_equal_a_second_pass(tiny_models):
     """The statistics are accumulated during generation (each token passes once, KV cached); they
     equal a separate full pass over the same sampled texts."""
-    from zu_cli.checkpoint import load_model
+    from zu_cli.loading import load_model
     from zu_cli.config import Hyper
     from zu_cli.console import silent
     from zu_cli.stats import KEY_SUFFIX, corpus_tokens, sampled_moments, second_moments

@@ -235,7 +235,8 @@ class DemoResult:
 
 def greedy_answers(model_dir: Path, prompts: list[str]) -> list[str]:
     """The next word the checkpoint at ``model_dir`` predicts after each prompt."""
-    from .checkpoint import load_model, open_checkpoint
+    from .checkpoint import open_checkpoint
+    from .loading import load_model
     from .probes import next_tokens
 
     model, tok = load_model(open_checkpoint(model_dir), device_map="cpu", dtype="float32")

@@ -95,7 +95,8 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     """
     from . import edit, manifest, update
     from .arch import check_layers, num_layers, parse_layers
-    from .checkpoint import check_load_options, check_out, load_model, open_checkpoint, write_checkpoint
+    from .checkpoint import check_out, open_checkpoint, write_checkpoint
+    from .loading import check_load_options, load_model
     from .keep import keep_prompts, solve_moments
     from .calibrate import settings
     from .keys import load_signing_key
@@ -308,7 +309,8 @@ def run_locate(opts: LocateOptions, out: Output):
     """
     from . import manifest
     from .arch import num_layers
-    from .checkpoint import check_load_options, load_model, open_checkpoint
+    from .checkpoint import open_checkpoint
+    from .loading import check_load_options, load_model
     from .locate import TraceSettings, locate
     from .requests import load_requests
 
@@ -342,7 +344,8 @@ def run_calibrate(model: str | Path, multi: bool, force: bool, device_map: str, 
     from . import manifest
     from .calibrate import CalibrationUnavailable, calibrate, ensure_profile, store_profile
     from .errors import CheckpointError
-    from .checkpoint import check_load_options, load_model, open_checkpoint
+    from .checkpoint import open_checkpoint
+    from .loading import check_load_options, load_model
 
     check_load_options(device_map, dtype)
     with out.stage("opening the checkpoint"):

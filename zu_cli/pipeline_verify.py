@@ -47,7 +47,8 @@ def run_verify(opts: VerifyOptions, out: Output, on_integrity: Callable[[Any], N
     import gc
 
     from . import manifest
-    from .checkpoint import check_load_options, load_model, open_checkpoint, resolve_path
+    from .checkpoint import open_checkpoint, resolve_path
+    from .loading import check_load_options, load_model
     from .integrity import check_integrity
     from .keys import load_public_key
     from .probes import read_text
