@@ -204,7 +204,7 @@ def calibrate(
     """Calibrate a model: edit zu's common-knowledge probe facts the model knows at candidate
     windows (after causal tracing), score forgetting, paraphrases, neighbours and perplexity, and
     keep the best settings. `zu unlearn` does this by itself the first time it meets a model."""
-    from .pipeline import run_calibrate
+    from .pipeline_layers import run_calibrate
     from .render import render_profile
 
     output = Output(json_mode=json_out)
@@ -255,7 +255,7 @@ def locate(
     """Causal tracing (ROME): corrupt the subject, restore one layer at a time, and measure how much of
     the answer comes back; suggest the window `--layers auto` would edit."""
     from .locate import TraceSettings
-    from .pipeline import LocateOptions, run_locate
+    from .pipeline_layers import LocateOptions, run_locate
     from .render import check_plot, render_locate
 
     if plot is not None:
