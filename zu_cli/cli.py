@@ -176,7 +176,7 @@ def unlearn(
         render_unlearn(res, output)
         return
     from .pipeline_verify import VerifyOptions, run_verify
-    from .render import render_verify
+    from .render_verify import render_verify
 
     audit_out = Output(json_mode=False, reveal=reveal, quiet=json_out)
     with audit_out.live():
@@ -314,7 +314,7 @@ def verify(
     fails, 4 on an integrity failure, 6 when the JUnit report cannot be written."""
     from .attacks import QUANT_FORMATS, AttackSettings, parse_attacks
     from .pipeline_verify import VerifyOptions, run_verify
-    from .render import render_integrity, render_verify, write_junit
+    from .render_verify import render_integrity, render_verify, write_junit
     from .verdicts import Criteria
 
     output = Output(json_mode=json_out, reveal=reveal)
