@@ -27,8 +27,10 @@ def _optimise(model, tok, spec, reqs, weight: float, avoid_same: bool):
     avoid = [targets[i][0] for i in rows.owner] if avoid_same else None
     hp = dataclasses.replace(Hyper(optim_dtype="float32", z_clamp=1.5), z_answer=weight)
     torch.manual_seed(0)
+    # 20 steps: the push toward the answer and away from it balance for the first ~10 (at 10 one
+    # row still read 0.94 on an AMD EPYC CPU, 0.004 at 15); by 20 every row is well settled.
     return optimize_deltas(model, tok, spec, rows, kl_rows(tok, reqs), [spec.layer_module(1)], 1, len(reqs), hp,
-                           10, 1.1, silent(), "t", avoid=avoid)
+                           20, 1.1, silent(), "t", avoid=avoid)
 
 
 def test_the_answer_term_pushes_the_answer_down_and_is_off_at_zero(fact_model_dir):
