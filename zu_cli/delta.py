@@ -13,6 +13,7 @@ from .arch import ArchSpec
 from .budget import optim_autocast
 from .config import Hyper
 from .console import Output
+from . import lbfgs
 from .hooks import Trace, TraceDict, replay_below
 from .prefix import RowGroups
 from .text import as_tokens, input_device
@@ -110,7 +111,7 @@ def _target_index(rows: "Rows", keep: int, dev) -> tuple[torch.Tensor, torch.Ten
 
 def optimize_deltas(model, tok, spec: ArchSpec, rows: "Rows", kl: "Rows | None", modules: list[str], start: int,
                     n: int, hp: Hyper, steps: int, stop_prob: float, out: Output, label: str,
-                    margin: bool = False, avoid: list[int] | None = None,
+                    margin: bool = False, avoid: list[int] | None = None, method: str = "adam",
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Find one additive vector per (request, module) at the lookup token that makes the model emit
     each row's target (reference compute_z, batched over all requests).
@@ -126,7 +127,7 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: "Rows", kl: "Rows | None",
             and replayed in the optimisation steps (their output cannot change).
         n: number of requests.
         hp: hyperparameters (lr, clamp, KL weight, weight decay).
-        steps: Adam steps.
+        steps: optimiser steps (each one forward and backward pass of every row).
         stop_prob: a request's delta stops moving once its mean target probability exceeds this
             (the reference optimises one request at a time and stops each on its own); the
             loop ends when every request is there.
@@ -137,6 +138,9 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: "Rows", kl: "Rows | None",
         avoid: per row of ``rows``, a token (the true answer's first) whose probability where the
             target starts is pushed down with weight ``hp.z_answer`` (unlikelihood,
             -log(1 - p)); None or a zero weight: not used.
+        method: ``adam`` (the reference: Adam at ``hp.z_lr``, the delta's norm clamped after each
+            step) or ``lbfgs`` (a quasi-Newton step per request, ``lbfgs.minimize``, the clamp a
+            smooth bound on the delta's norm).
 
     Returns:
         (delta (n, len(modules), d), base output at the lookup averaged over rows (n, len(modules), d),
@@ -156,7 +160,6 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: "Rows", kl: "Rows | None",
         av_id = torch.tensor(avoid, device=dev)
     passes = _Passes(model, spec, groups, modules, torch.tensor(allrows.owner, device=dev), start, keep)
     own = passes.owner[:n_main]
-    probs = torch.zeros(n)
     with TraceDict(model, modules, retain_output=False, edit_output=passes.add_delta, detach=False):
         passes.delta = torch.zeros(n, len(modules), 1, device=dev)  # broadcasts on the first pass
         logits0, base = passes.first()
@@ -165,48 +168,76 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: "Rows", kl: "Rows | None",
         base_avg = torch.stack([mean_by(own, base[i][:n_main].float().to(dev), n) for i in range(len(modules))], 1)
         hnorm = base_avg.norm(dim=-1)  # (n, modules)
         kl_ref = logits0[n_main:, -1].log_softmax(-1).detach() if n_main < len(allrows.seqs) else None
-        # Adam moves each coordinate by about lr per step whatever the scale, so the delta is
-        # parametrised in units of the hidden state's RMS: the reference's lr then means the same
-        # on a model whose residual norms are 10 or 1000 (SmolLM2's are in the hundreds).
-        unit = (hnorm / dim ** 0.5).detach()[..., None]  # (n, modules, 1)
-        u = torch.zeros(n, len(modules), dim, device=dev, requires_grad=True)
-        opt = torch.optim.Adam([u], lr=hp.z_lr)
         cast = optim_autocast(dev, hp.optim_dtype, model)
         # Per-token values -> mean per row (over its target tokens) -> mean per request (over templates).
         per_req = lambda x: mean_by(own, mean_by(tgt_row, x, n_main), n)
+
+        def losses(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """One pass with ``delta`` (n, modules, d): (loss per request (n,), target probability (n,))."""
+            passes.delta = delta
+            logp = passes.step(cast).log_softmax(-1)
+            tok_lp = logp[tgt_row, tgt_col, tgt_id]  # (target tokens,)
+            if margin:  # the target's log-odds against the rest of the vocabulary (log-softmax cancels)
+                sel = logp[tgt_row, tgt_col]  # (target tokens, vocab)
+                tok_obj = tok_lp - sel.scatter(-1, tgt_id[:, None], float("-inf")).logsumexp(-1)
+            else:
+                tok_obj = tok_lp
+            loss = -per_req(tok_obj)
+            if kl_ref is not None:  # KL(reference || current) per "{subject} is a" row, mean per request
+                kl = (kl_ref.exp() * (kl_ref - logp[n_main:, -1])).sum(-1)
+                loss = loss + hp.z_kl * mean_by(passes.owner[n_main:], kl, n)
+            loss = loss + hp.z_weight_decay * ((delta.norm(dim=-1) / hnorm.clamp_min(1e-6)) ** 2).mean(-1)
+            if use_avoid:
+                p_ans = logp[torch.arange(n_main, device=dev), av_col, av_id].exp()  # (main rows,)
+                loss = loss + hp.z_answer * mean_by(own, -torch.log1p(-p_ans.clamp(max=1 - 1e-6)), n)
+            return loss, per_req(tok_lp.detach()).exp().cpu()
+
+        limit = (hp.z_clamp * hnorm)[..., None]  # (n, modules, 1)
         with out.progress(label, steps) as advance:
-            for _ in range(steps):
-                opt.zero_grad()
-                passes.delta = u * unit
-                logits = passes.step(cast)
-                logp = logits.log_softmax(-1)
-                tok_lp = logp[tgt_row, tgt_col, tgt_id]  # (target tokens,)
-                if margin:
-                    sel = logits[tgt_row, tgt_col]  # (target tokens, vocab)
-                    rest = sel.scatter(-1, tgt_id[:, None], float("-inf")).logsumexp(-1)
-                    tok_obj = sel.gather(-1, tgt_id[:, None])[:, 0] - rest
-                else:
-                    tok_obj = tok_lp
-                probs = per_req(tok_lp.detach()).exp().cpu()
-                done = (probs > stop_prob).to(dev)  # (n,)
-                loss = -per_req(tok_obj).mean()
-                if kl_ref is not None:
-                    cur = logp[n_main:, -1]
-                    loss = loss + hp.z_kl * F.kl_div(cur, kl_ref, log_target=True, reduction="batchmean")
-                loss = loss + hp.z_weight_decay * ((passes.delta.norm(dim=-1) / hnorm.clamp_min(1e-6)) ** 2).mean()
-                if use_avoid:
-                    p_ans = logp[torch.arange(n_main, device=dev), av_col, av_id].exp()  # (main rows,)
-                    unlike = -torch.log1p(-p_ans.clamp(max=1 - 1e-6))
-                    loss = loss + hp.z_answer * mean_by(own, unlike, n).mean()
-                advance()
-                if bool(done.all()):
-                    break
-                loss.backward()
-                frozen = u.detach()[done].clone()
-                opt.step()
-                with torch.no_grad():  # clamp each delta's norm to a fraction of the hidden state's
-                    u[done] = frozen
-                    limit = hp.z_clamp * hnorm
-                    scale = (limit / (u * unit).norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
-                    u.mul_(scale[..., None])
-    return (u * unit).detach().float().cpu(), base_avg.cpu(), probs
+            if method == "lbfgs":
+                # delta = limit * w / sqrt(1 + |w|^2): the clamp as a smooth bound, so a quasi-Newton
+                # step needs no projection (a projected step breaks its curvature pairs).
+                squash = lambda w: limit * w / (1 + (w * w).sum(-1, keepdim=True)).sqrt()
+                w = torch.zeros(n, len(modules), dim, device=dev, requires_grad=True)
+                probs = lbfgs.minimize(lambda x: losses(squash(x)), w, steps, stop_prob, on_eval=advance)
+                delta = squash(w).detach()
+            else:
+                delta, probs = _adam(losses, hnorm, limit, dim, steps, stop_prob, hp.z_lr, advance)
+    return delta.float().cpu(), base_avg.cpu(), probs
+
+
+def _adam(losses, hnorm: torch.Tensor, limit: torch.Tensor, dim: int, steps: int, stop_prob: float, lr: float,
+          advance) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's optimiser: Adam on the deltas, each clamped to ``limit`` after every step.
+
+    Args:
+        losses: delta (n, modules, d) -> (loss per request (n,), target probability (n,)).
+        hnorm: the hidden state's norm per request and module (n, modules).
+        limit: the clamp (n, modules, 1).
+        dim: the delta's width d.
+
+    Returns:
+        (delta (n, modules, d), target probability per request (n,) before the last step).
+    """
+    n, m, _ = limit.shape
+    # Adam moves each coordinate by about lr per step whatever the scale, so the delta is
+    # parametrised in units of the hidden state's RMS: the reference's lr then means the same on a
+    # model whose residual norms are 10 or 1000 (SmolLM2's are in the hundreds).
+    unit = (hnorm / dim ** 0.5).detach()[..., None]  # (n, modules, 1)
+    u = torch.zeros(n, m, dim, device=hnorm.device, requires_grad=True)
+    opt = torch.optim.Adam([u], lr=lr)
+    probs = torch.zeros(n)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss, probs = losses(u * unit)
+        done = (probs > stop_prob).to(u.device)  # (n,)
+        advance()
+        if bool(done.all()):
+            break
+        loss.mean().backward()
+        frozen = u.detach()[done].clone()
+        opt.step()
+        with torch.no_grad():  # clamp each delta's norm to a fraction of the hidden state's
+            u[done] = frozen
+            u.mul_((limit / (u * unit).norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
+    return (u * unit).detach(), probs

@@ -219,11 +219,12 @@ def _targets_batch(model, tok, spec: ArchSpec, requests: list[Request], layers: 
         mods = [spec.down_proj_module(l) for l in layers]
         z, _, z_prob = optimize_deltas(model, tok, spec, z_rows, kl_rows(tok, requests), mods, layers[0], n, hp,
                                        hp.z_steps, hp.z_stop_prob, out, "neutral targets" + where,
-                                       avoid=_answer_tokens(tok, requests, z_rows))  # (n, L, d)
+                                       avoid=_answer_tokens(tok, requests, z_rows),
+                                       method=hp.z_optimizer)  # (n, L, d)
         return z, z_prob, _sensitive(model, tok, spec, requests, layers, templates, hp, sensitive, out, where)
     delta, _, z_prob = optimize_deltas(model, tok, spec, z_rows, kl_rows(tok, requests), [last], layers[-1], n, hp,
                                        hp.z_steps, hp.z_stop_prob, out, "neutral targets" + where,
-                                       avoid=_answer_tokens(tok, requests, z_rows))
+                                       avoid=_answer_tokens(tok, requests, z_rows), method=hp.z_optimizer)
     # z is the bare prompt's own state plus the delta, as in the reference (MEMIT's compute_z):
     # update.edit_layers measures the residual z - h on the bare prompt, so a template-averaged
     # base here would add the bare prompt's offset from that average to every target (at an
