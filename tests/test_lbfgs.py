@@ -82,6 +82,8 @@ def test_a_request_past_the_stop_probability_stops_moving():
     torch.testing.assert_close(p, probs.to(p.dtype))  # the returned point is the one scored
     assert len(calls) < 60  # stopped once all passed
     assert float(((w.detach() - m).norm(dim=-1) / m.norm(dim=-1)).min()) > 1e-6  # not run to the minimum
+    still = torch.zeros(4, 6, dtype=torch.float64, requires_grad=True)
+    assert not bool(lbfgs.minimize(f, still, evals=0, stop_prob=0.9).any()) and not bool(still.detach().any())
 
 
 def test_lbfgs_reaches_the_neutral_target_in_fewer_passes_than_adam(fact_model_dir):

@@ -104,6 +104,8 @@ def minimize(f: Objective, w: torch.Tensor, evals: int, stop_prob: float, histor
             d = _direction(g, mem, first)
             moved = torch.where(done, torch.zeros(n), step).to(x.device)
             w.copy_((x + moved[:, None] * d).reshape(w.shape))
+    if prev is None:  # no evaluation allowed: w stays where it started
+        return torch.zeros(n)
     with torch.no_grad():
         w.copy_(prev[0].reshape(w.shape))
     return prev[3]
