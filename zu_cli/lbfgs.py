@@ -3,7 +3,7 @@
 The neutral-target optimisation (delta.py) is separable: request i's loss depends on its own
 delta only, and every step evaluates all requests in one batch of forward/backward passes.
 ``torch.optim.LBFGS`` treats the batch as one problem (one curvature model, one line-search step
-for all), and on SmolLM2 half the requests of a batch stalled while the others converged. Here
+for all), and on SmolLM2 some requests of a batch stalled near zero while the others converged. Here
 each request keeps its own curvature pairs and its own step length: a step whose loss does not
 fall enough (Armijo) is undone for that request alone and retried at half the length at the
 next evaluation, so every evaluation costs exactly one pass, as an Adam step does.
