@@ -37,8 +37,9 @@ WIDTH = 3
 RELATIVE_ENDS = (0.33, 0.45, 0.6)  # where candidate windows end, as fractions of the depth
 MULTI_EXTRA = 2
 MULTI_GENERAL = (1e4, 1e5, 1e6)
-# --multi's edit besides its weight: the exact solve and both keep-sets (docs/method.md).
-MULTI_BASE = {"solver": "exact", "multi_entity_weight": 1.0, "multi_swap_weight": 1.0}
+# --multi's edit besides its weight: the exact solve and the keep-sets (docs/method.md). A profile
+# cached before a key was added here gets the key from here (``settings``).
+MULTI_BASE = {"solver": "exact", "multi_entity_weight": 1.0, "multi_swap_weight": 1.0, "multi_similar_weight": 0.1}
 
 
 class CalibrationUnavailable(Exception):
@@ -303,7 +304,7 @@ def settings(prof: Profile | None, layers: list[int], hp: Hyper, multi: bool) ->
     applied: list[str] = []
     kind = None
     if prof is not None and multi and prof.multi and layers == prof.multi_layers:
-        hp, applied = hp.with_settings(prof.multi)
+        hp, applied = hp.with_settings({**MULTI_BASE, **prof.multi})
     if prof is not None and not multi and layers == prof.layers:
         kind = prof.sensitive
         if hp.sensitive == "auto":

@@ -50,6 +50,11 @@ class Hyper:
     E[k k^T] with ``multi_swap_weight`` (--multi); both off by default (they weaken the re-mapping
     to EOS, docs/method.md; SmolLM2-135M's architecture entry pins the --multi one at 1), not
     computed when the variant's weight is 0.
+    Similar-entity keep-set: each forget prompt with its subject replaced by up to
+    ``similar_names`` entities the model lists after it (``similar_samples`` continuations of
+    "1. {subject}\n2." of ``similar_len`` tokens); its second moments join G with
+    ``similar_weight`` (closed form) and E[k k^T] with ``multi_similar_weight`` (--multi); both
+    0 by default, --multi's calibrated edit sets 0.1 (docs/method.md).
     Statistics (§2.6): ``stats_samples`` texts of ``stats_len`` tokens sampled from the model
     when no corpus is given (``stats_max_tokens`` caps any corpus).
     --multi (§2.8): eigenvalues of E[k k^T] below ``null_threshold`` span the null space;
@@ -104,6 +109,11 @@ class Hyper:
     multi_general_weight: float = 0.0
     multi_entity_weight: float = 0.0
     multi_swap_weight: float = 0.0
+    similar_weight: float = 0.0
+    multi_similar_weight: float = 0.0
+    similar_names: int = 8
+    similar_samples: int = 2
+    similar_len: int = 32
     max_rel_change: float = 1.5
     max_cond: float = 1e12
     rounding: str = "stochastic"
@@ -188,7 +198,9 @@ def load_config(path: Path | None, **overrides: Any) -> Hyper:
                           ("entity_samples", lambda v: v > 0, "> 0"),
                           ("entity_len", lambda v: v > 0, "> 0"), ("swap_weight", lambda v: v >= 0, ">= 0"),
                           ("multi_swap_weight", lambda v: v >= 0, ">= 0"), ("swap_names", lambda v: v > 0, "> 0"),
-                          ("swap_texts", lambda v: v > 0, "> 0")):
+                          ("swap_texts", lambda v: v > 0, "> 0"), ("similar_weight", lambda v: v >= 0, ">= 0"),
+                          ("multi_similar_weight", lambda v: v >= 0, ">= 0"), ("similar_names", lambda v: v > 0, "> 0"),
+                          ("similar_samples", lambda v: v > 0, "> 0"), ("similar_len", lambda v: v > 0, "> 0")):
         if key in values and not ok(values[key]):
             raise InputFileError(f"{path or 'config'}: field {key!r} must be {what}, got {values[key]!r}")
     return Hyper(**values, explicit=frozenset(values))

@@ -241,9 +241,10 @@ def solve_moments(model, tok, spec, layers, biases, hp: Hyper, corpus, source: s
                   ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], str]:
     """The statistics the solve uses, per layer: general + entity + subject-swap + keep-prompts.
 
-    G ← G + ``entity_weight`` G_ent + ``swap_weight`` G_swap + ``retain_weight`` G_keep and, when
-    ``keys``, E[k k^T] ← E[k k^T] + ``multi_entity_weight`` E_ent[k k^T] + ``multi_swap_weight``
-    E_swap[k k^T] + ``retain_weight`` E_keep[k k^T]. The entity and swap passes run (or are read
+    G ← G + ``entity_weight`` G_ent + ``swap_weight`` G_swap + ``similar_weight`` G_sim +
+    ``retain_weight`` G_keep and, when ``keys``, E[k k^T] ← E[k k^T] + ``multi_entity_weight``
+    E_ent[k k^T] + ``multi_swap_weight`` E_swap[k k^T] + ``multi_similar_weight`` E_sim[k k^T] +
+    ``retain_weight`` E_keep[k k^T]. The entity, swap and similar-entity passes run (or are read
     from the cache) only when a variant that is asked for uses them.
 
     Args:
@@ -256,14 +257,20 @@ def solve_moments(model, tok, spec, layers, biases, hp: Hyper, corpus, source: s
     Returns:
         (layer -> G, layer -> E[k k^T] or empty, digest naming the general corpus).
     """
+    from .similar import similar_moments  # similar.py builds on keep_moments
+
     g, kk, digest = collect_stats(model, tok, spec, layers, biases, hp, corpus, source, out, keys=keys)
     args = (model, tok, spec, layers, biases, hp)
-    ent_w, swap_w = (hp.entity_weight, hp.swap_weight) if closed else (0.0, 0.0)
-    ent_kw, swap_kw = (hp.multi_entity_weight, hp.multi_swap_weight) if keys else (0.0, 0.0)
+    ent_w, swap_w, sim_w = (hp.entity_weight, hp.swap_weight, hp.similar_weight) if closed else (0.0,) * 3
+    ent_kw, swap_kw, sim_kw = ((hp.multi_entity_weight, hp.multi_swap_weight, hp.multi_similar_weight) if keys
+                               else (0.0,) * 3)
     g_ent, kk_ent = (entity_moments(*args, source, out, keys=ent_kw > 0) if ent_w or ent_kw else ({}, {}))
     g_swap, kk_swap = (swap_moments(*args, list(requests), source, out, keys=swap_kw > 0)
                        if (swap_w or swap_kw) and requests else ({}, {}))
+    g_sim, kk_sim = (similar_moments(*args, list(requests), out, keys=sim_kw > 0)
+                     if (sim_w or sim_kw) and requests else ({}, {}))
     g_keep, kk_keep = keep_moments(model, tok, spec, layers, biases, keep, out, keys=keys)
-    g = with_keep(with_keep(with_keep(g, g_ent, ent_w), g_swap, swap_w), g_keep, hp.retain_weight)
-    kk = with_keep(with_keep(with_keep(kk, kk_ent, ent_kw), kk_swap, swap_kw), kk_keep, hp.retain_weight)
+    for extra, w, kextra, kw in ((g_ent, ent_w, kk_ent, ent_kw), (g_swap, swap_w, kk_swap, swap_kw),
+                                 (g_sim, sim_w, kk_sim, sim_kw), (g_keep, hp.retain_weight, kk_keep, hp.retain_weight)):
+        g, kk = with_keep(g, extra, w), with_keep(kk, kextra, kw)
     return g, kk, digest
