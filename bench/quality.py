@@ -55,6 +55,18 @@ def retain_rows(path: str, facts: list[dict]) -> list[dict]:
     return rows
 
 
+
+def overrides(sets: list[str]) -> dict:
+    """``--set k=v`` pairs as hyperparameters: v is JSON, or a bare word (sensitive=output)."""
+    over = {}
+    for kv in sets:
+        k, v = kv.split("=", 1)
+        try:
+            over[k] = json.loads(v)
+        except json.JSONDecodeError:
+            over[k] = v
+    return over
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -77,14 +89,7 @@ def main() -> int:
 
     facts = [json.loads(l) for l in open(a.facts) if l.strip()][a.offset:a.offset + a.n]
     text = Path(a.text).read_text()
-    over = {}
-    for kv in a.set:
-        k, v = kv.split("=", 1)
-        try:
-            over[k] = json.loads(v)
-        except json.JSONDecodeError:  # a bare word: sensitive=output
-            over[k] = v
-    hp = load_config(None, **over)
+    hp = load_config(None, **overrides(a.set))
     with tempfile.TemporaryDirectory() as tmp:
         req = Path(tmp) / "req.jsonl"
         req.write_text("".join(json.dumps({k: f[k] for k in ("id", "prompt", "subject", "target")}) + "\n"

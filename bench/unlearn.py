@@ -40,6 +40,8 @@ def inner(model: str, n: int, tmp: Path, layers: str | None, sets: list[str]) ->
     from zu_cli.pipeline import UnlearnOptions, run_unlearn
     from transformers import AutoConfig
 
+    from quality import overrides  # bench/quality.py, beside this script
+
     from zu_cli import checkpoint, edit, manifest, probes, stats, update  # noqa: F401
 
     facts = [json.loads(l) for l in open(ROOT / "tests/data/facts-dev.jsonl")][:n]
@@ -52,7 +54,7 @@ def inner(model: str, n: int, tmp: Path, layers: str | None, sets: list[str]) ->
     AutoConfig.from_pretrained(model)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
-    hp = load_config(None, **{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in sets)})
+    hp = load_config(None, **overrides(sets))
     res = run_unlearn(UnlearnOptions(model=Path(model), forget=req, out=tmp / f"out{n}", device_map="cpu",
                                      layers=layers, force=True, signer=ephemeral()), hp, silent())
     return {"requests": n, "wall_s": round(time.perf_counter() - t0, 1), "stages_s": res.timings,

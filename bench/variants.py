@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from quality import quality  # noqa: E402  (bench/quality.py: the same Eff/Gen/Spe/PPL definitions)
+from quality import overrides, quality  # noqa: E402  (bench/quality.py: the same Eff/Gen/Spe/PPL definitions)
 
 VARIANTS = ("closed-form", "multi-gradient", "multi-exact")
 
@@ -181,7 +181,7 @@ def main() -> int:
     model = Path(a.model) if a.model else __import__("smollm2").smollm2_fp32()
     facts = [json.loads(l) for l in open(a.facts) if l.strip()]
     text = Path(a.text).read_text()
-    hp = load_config(None, **{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)})
+    hp = load_config(None, **overrides(a.set))
     doc = {"model": str(model), "overrides": a.set, "oracle_keep": a.oracle_keep, "sizes": []}
     for n in (int(x) for x in a.sizes.split(",")):
         doc["sizes"].append(run_size(model, facts[:n], text, hp, a.variants.split(","),

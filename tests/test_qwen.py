@@ -56,7 +56,9 @@ def test_qwen_10_facts_with_zus_defaults(qwen, tmp_path):
 @pytest.mark.xfail(run=False, reason="not met: with the calibrated 6-8 (output) 3 of the 6 paraphrases of "
                    "these 10 facts are still recalled (50 %, target <= 40 %); measured with bench/quality.py "
                    "(docs/results.md, 'Calibration, measured'). Layers 0-2 (pushed) meet it (16.7 %) but forget "
-                   "by breaking the subject (EOS median rank 125), which calibration ranks last. ~13 min here")
+                   "by breaking the subject (EOS median rank 125), which calibration ranks last. z_answer 20 with "
+                   "similar_weight 1 meets it at the same neighbours (16.7 %, 81.8 %) but leaves EOS unreached "
+                   "for 7 of 10 prompts, so it is an option, not the default. ~13 min here")
 def test_qwen_10_facts_paraphrases(qwen, tmp_path):
     """Paraphrases of the 10 forgotten facts: <= 40 % still recalled."""
     seed_profile(qwen, json.loads((DATA / "calibration-qwen2.5-0.5b.json").read_text()))
