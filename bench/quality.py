@@ -89,7 +89,8 @@ def main() -> int:
 
     facts = [json.loads(l) for l in open(a.facts) if l.strip()][a.offset:a.offset + a.n]
     text = Path(a.text).read_text()
-    hp = load_config(None, **overrides(a.set))
+    over = overrides(a.set)
+    hp = load_config(None, **over)
     with tempfile.TemporaryDirectory() as tmp:
         req = Path(tmp) / "req.jsonl"
         req.write_text("".join(json.dumps({k: f[k] for k in ("id", "prompt", "subject", "target")}) + "\n"
