@@ -55,7 +55,6 @@ def retain_rows(path: str, facts: list[dict]) -> list[dict]:
     return rows
 
 
-
 def overrides(sets: list[str]) -> dict:
     """``--set k=v`` pairs as hyperparameters: v is JSON, or a bare word (sensitive=output)."""
     over = {}
@@ -66,6 +65,7 @@ def overrides(sets: list[str]) -> dict:
         except json.JSONDecodeError:
             over[k] = v
     return over
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()
