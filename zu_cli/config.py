@@ -27,6 +27,8 @@ class Hyper:
     the optimisation's forward passes (``auto``: bfloat16 autocast where the device does it fast);
     ``prefix_cache``: run the tokens before each lookup token once and keep their keys and values
     (they cannot change with the delta) instead of recomputing them every step (prefix.py);
+    ``cache_targets``: keep each request's targets under ``ZU_CACHE_DIR/targets``, keyed by the
+    weights, the request and these settings, and read them back in a later run (targets_cache.py);
     Requests are optimised in batches (memory grows with a batch, results do not change):
     ``batch_requests`` at a time, or with 0 as many as keep about ``activation_budget`` times the
     model's weight bytes for the backward pass (at least one request per batch).
@@ -80,6 +82,7 @@ class Hyper:
     z_optimizer: str = "adam"
     optim_dtype: str = "auto"
     prefix_cache: bool = True
+    cache_targets: bool = True
     batch_requests: int = 0
     activation_budget: float = 0.2
     sens_steps: int = 25

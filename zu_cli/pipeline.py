@@ -151,8 +151,8 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     t0 = time.perf_counter()
     queries = [(r.prompt, r.target) for r in requests]
     before = probe(model, tok, queries)
-    z, z_prob, sensitive = edit.edit_targets(model, tok, spec, requests, layers, templates, targets_neutral, hp,
-                                             sens_kind, out)
+    z, z_prob, sensitive = _targets(model, tok, spec, requests, layers, templates, targets_neutral, hp, sens_kind,
+                                    manifest.sha256_file_list(source_digests), out)
     t["targets"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -207,6 +207,28 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
                          updates=[{"layer": u.layer, "name": u.name, "rel_change": u.rel_change, **u.info} for u in ups],
                          requests=per_req, timings={k: round(v, 2) for k, v in t.items()}, receipt=receipt,
                          keyid=key.keyid, calibrated=calibrated, variant=variant)
+
+
+def _targets(model, tok, spec, requests: list, layers: list[int], templates: list[str], neutral: list[list[int]],
+             hp: Hyper, sens_kind: str, fingerprint: str, out: Output):
+    """``edit.edit_targets``, reading requests already optimised on these weights from the cache
+    (``targets_cache``; off with ``cache_targets: false``)."""
+    from . import edit, targets_cache
+    from .budget import optim_dtype
+    from .text import input_device
+
+    def compute(idx: list[int]):
+        return edit.edit_targets(model, tok, spec, [requests[i] for i in idx], layers, templates,
+                                 [neutral[i] for i in idx], hp, sens_kind, out)
+
+    if not hp.cache_targets:
+        return compute(list(range(len(requests))))
+    keys = targets_cache.request_keys(fingerprint, requests, neutral, layers, templates, hp, sens_kind,
+                                      optim_dtype(input_device(model), hp.optim_dtype))
+    found, hits = targets_cache.cached_targets(keys, layers, compute)
+    if hits:
+        out.info(f"targets: {hits} of {len(requests)} requests from the cache")
+    return found
 
 
 def input_lineage(src: Path, fingerprint: str, out: Output) -> dict[str, Any]:
