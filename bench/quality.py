@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -18,25 +19,49 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def quality(model, tok, facts: list[dict], text: str) -> dict:
-    """Eff/Gen/Spe (% still top-1) and perplexity of the model as it runs now (hooks honoured)."""
+def queries(facts: list[dict]) -> dict[str, list[tuple[str, str]]]:
+    """The (prompt, target) probes of ``facts`` by kind: the prompts, their paraphrases, their neighbours."""
+    return {"main": [(f["prompt"], f["target"]) for f in facts],
+            "para": [(p, f["target"]) for f in facts for p in f.get("paraphrases", [])],
+            "nbr": [(nb["prompt"], nb["target"]) for f in facts for nb in f.get("neighbors", [])]}
+
+
+def quality(model, tok, facts: list[dict], text: str, per_probe: bool = False) -> dict:
+    """Eff/Gen/Spe (% still top-1) and perplexity of the model as it runs now (hooks honoured).
+
+    With ``per_probe`` the result also holds ``probes``: kind -> [probability of the answer's
+    first token, rank] per probe, in ``queries`` order.
+    """
     from zu_cli.probes import perplexity, probe
 
-    main = probe(model, tok, [(f["prompt"], f["target"]) for f in facts])
-    para = probe(model, tok, [(p, f["target"]) for f in facts for p in f.get("paraphrases", [])])
-    nbr = probe(model, tok, [(nb["prompt"], nb["target"]) for f in facts for nb in f.get("neighbors", [])])
+    res = {kind: probe(model, tok, qs) for kind, qs in queries(facts).items()}
     pct = lambda xs: round(100.0 * sum(x.top1 for x in xs) / len(xs), 1) if xs else None
-    return {"Eff": pct(main), "Gen": pct(para), "Spe": pct(nbr), "PPL": round(perplexity(model, tok, text), 3),
-            "n": len(main), "n_para": len(para), "n_nbr": len(nbr)}
+    doc = {"Eff": pct(res["main"]), "Gen": pct(res["para"]), "Spe": pct(res["nbr"]),
+           "PPL": round(perplexity(model, tok, text), 3),
+           "n": len(res["main"]), "n_para": len(res["para"]), "n_nbr": len(res["nbr"])}
+    if per_probe:
+        doc["probes"] = {kind: [[round(x.prob_first, 4), x.rank] for x in xs] for kind, xs in res.items()}
+    return doc
 
 
-def metrics(model_dir: Path, facts: list[dict], text: str) -> dict:
+def metrics(model_dir: Path, facts: list[dict], text: str, per_probe: bool = False) -> dict:
     """``quality`` of a checkpoint on disk."""
     from zu_cli.checkpoint import open_checkpoint
     from zu_cli.loading import load_model
 
     model, tok = load_model(open_checkpoint(model_dir), device_map="cpu", dtype="float32")
-    return quality(model, tok, facts, text)
+    return quality(model, tok, facts, text, per_probe)
+
+
+def recalled(facts: list[dict], base: dict, after: dict) -> list[dict]:
+    """The forget prompts and paraphrases still top-1 after the edit, with their answer's
+    probability before and after (dev facts: nothing private)."""
+    rows = []
+    for kind in ("main", "para"):
+        for (prompt, target), b, x in zip(queries(facts)[kind], base["probes"][kind], after["probes"][kind]):
+            if x[1] == 0:
+                rows.append({"kind": kind, "prompt": prompt, "target": target, "p_before": b[0], "p_after": x[0]})
+    return rows
 
 
 def retain_rows(path: str, facts: list[dict]) -> list[dict]:
@@ -80,6 +105,9 @@ def main() -> int:
     ap.add_argument("--base-metrics", help="JSON file caching the base model's metrics")
     ap.add_argument("--retain-rest", action="store_true",
                     help="pass the other facts of --facts as --retain (every prompt that is also a probe left out)")
+    ap.add_argument("--list-recalled", action="store_true",
+                    help="also list the prompts and paraphrases still recalled, with the answer's probability before/after")
+    ap.add_argument("--keep-out", help="copy the written checkpoint here (to probe it further, e.g. zu verify)")
     a = ap.parse_args()
 
     from zu_cli.config import load_config
@@ -104,11 +132,13 @@ def main() -> int:
                                          multi=a.multi, retain=retain, device_map="cpu", signer=ephemeral()),
                           hp, silent())
         elapsed = time.perf_counter() - t0
-        after = metrics(Path(tmp) / "out", facts, text)
+        after = metrics(Path(tmp) / "out", facts, text, a.list_recalled)
+        if a.keep_out:
+            shutil.copytree(Path(tmp) / "out", a.keep_out)
     key = f"{a.model}:{a.offset}:{a.n}"
     cache = json.loads(Path(a.base_metrics).read_text()) if a.base_metrics and Path(a.base_metrics).exists() else {}
-    if key not in cache:
-        cache[key] = metrics(Path(a.model), facts, text)
+    if key not in cache or (a.list_recalled and "probes" not in cache[key]):
+        cache[key] = metrics(Path(a.model), facts, text, a.list_recalled)
         if a.base_metrics:
             Path(a.base_metrics).write_text(json.dumps(cache))
     base = cache[key]
@@ -120,6 +150,10 @@ def main() -> int:
            "neutral_top1": sum(r["neutral_rank_after"] == 0 for r in res.requests),
            "neutral_rank_median": sorted(r["neutral_rank_after"] for r in res.requests)[len(res.requests) // 2],
            "updates": res.updates}
+    if a.list_recalled:
+        doc["recalled"] = recalled(facts, base, after)
+        for d in (base, after):
+            d.pop("probes", None)
     print(json.dumps(doc))
     return 0
 
