@@ -58,7 +58,10 @@ def test_qwen_10_facts_with_zus_defaults(qwen, tmp_path):
                    "(docs/results.md, 'Calibration, measured'). Layers 0-2 (pushed) meet it (16.7 %) but forget "
                    "by breaking the subject (EOS median rank 125), which calibration ranks last. z_answer 20 with "
                    "similar_weight 1 meets it at the same neighbours (16.7 %, 81.8 %) but leaves EOS unreached "
-                   "for 7 of 10 prompts, so it is an option, not the default. ~13 min here")
+                   "for 7 of 10 prompts, so it is an option, not the default. Two of the three recalled are "
+                   "answered from the first name: the base gives the same answer for an invented person "
+                   "('Bernard Dupont' -> French, p 0.89), and the edit moves the paraphrases' subject state as "
+                   "much as the prompts' (docs/results.md). ~13 min here")
 def test_qwen_10_facts_paraphrases(qwen, tmp_path):
     """Paraphrases of the 10 forgotten facts: <= 40 % still recalled."""
     seed_profile(qwen, json.loads((DATA / "calibration-qwen2.5-0.5b.json").read_text()))
