@@ -2,11 +2,12 @@
 then Eff/Gen/Spe/PPL on every fact edited so far (against the base model) after chosen rounds.
 
     python bench/rounds.py --model DIR --facts tests/data/facts-dev.jsonl --rounds 16 --per-round 10 \
-        [--protect] [--probe-at 1,4,8,16] [--multi] [--once]
+        [--protect | --rebase] [--probe-at 1,4,8,16] [--multi] [--once]
 
 Requests are edited WITHOUT their paraphrases and neighbours, which are then probed (unseen).
 ``--protect`` passes every earlier round's request file as ``--previous`` (docs/method.md,
-"Requests over time"). ``--once`` edits all R x N facts in one run instead (the side-by-side
+"Requests over time"). ``--rebase`` edits the base model each round with every request so far
+(``zu unlearn --base``), extending the previous round's history. ``--once`` edits all R x N facts in one run instead (the side-by-side
 column; use it with ``--multi``). Prints one JSON line per probed round, then a summary line.
 """
 
@@ -31,7 +32,8 @@ def _requests(path: Path, facts: list[dict]) -> Path:
     return path
 
 
-def _edit(src: Path, req: Path, out: Path, previous: list[Path], multi: bool, layers: str | None) -> dict:
+def _edit(src: Path, req: Path, out: Path, previous: list[Path], multi: bool, layers: str | None,
+          base: Path | None = None) -> dict:
     from zu_cli.config import load_config
     from zu_cli.console import silent
     from zu_cli.keys import ephemeral
@@ -39,7 +41,7 @@ def _edit(src: Path, req: Path, out: Path, previous: list[Path], multi: bool, la
 
     t0 = time.perf_counter()
     res = run_unlearn(UnlearnOptions(model=src, forget=req, out=out, layers=layers, multi=multi, device_map="cpu",
-                                     signer=ephemeral(), previous=previous), load_config(None), silent())
+                                     signer=ephemeral(), previous=previous, base=base), load_config(None), silent())
     return {"seconds": round(time.perf_counter() - t0, 1), "timings": res.timings, "layers": res.layers,
             "forgotten": res.counts["forgotten"], "max_rel_change": max(u["rel_change"] for u in res.updates)}
 
@@ -64,6 +66,7 @@ def main() -> int:
     ap.add_argument("--per-round", type=int, default=10)
     ap.add_argument("--probe-at", default="1,4,8,16")
     ap.add_argument("--protect", action="store_true", help="--previous with every earlier round's requests")
+    ap.add_argument("--rebase", action="store_true", help="edit the base with every request so far (--base)")
     ap.add_argument("--multi", action="store_true")
     ap.add_argument("--once", action="store_true", help="all facts in one edit (the side-by-side column)")
     ap.add_argument("--layers")
@@ -88,7 +91,9 @@ def main() -> int:
                 break
             req = _requests(work / f"round{r}.jsonl", chunk)
             out = work / f"r{r}"
-            info = _edit(src, req, out, list(earlier) if a.protect else [], a.multi, a.layers)
+            rebase = a.rebase and src != a.model
+            info = _edit(src, req, out, list(earlier) if a.protect or a.rebase else [], a.multi, a.layers,
+                         a.model if rebase else None)
             seconds.append(info["seconds"])
             if src != a.model:
                 shutil.rmtree(src)  # one checkpoint on disk at a time
@@ -96,13 +101,13 @@ def main() -> int:
             earlier.append(req)
             if r in probe_at or r == a.rounds:
                 edited = facts[:r * a.per_round]
-                row = {"round": r, "protect": a.protect, "multi": a.multi, **info,
+                row = {"round": r, "protect": a.protect, "rebase": a.rebase, "multi": a.multi, **info,
                        **_score(out, a.model, edited, text, cache)}
                 print(json.dumps(row), flush=True)
         from zu_cli.lineage import chain
 
         links, problems = chain(src)
-        print(json.dumps({"summary": True, "rounds": len(seconds), "protect": a.protect, "round_seconds": seconds,
+        print(json.dumps({"summary": True, "rounds": len(seconds), "protect": a.protect, "rebase": a.rebase, "round_seconds": seconds,
                           "links": len(links), "chain_problems": problems}), flush=True)
     return 0
 

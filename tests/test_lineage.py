@@ -14,7 +14,7 @@ from zu_cli.manifest import MANIFEST, SIGNATURE
 
 runner = CliRunner()
 FAST = "n_prefixes: 1\nprefix_len: 3\nz_steps: 3\nsens_steps: 3\nstats_samples: 8\nstats_len: 12\nmax_rel_change: 1000.0\n"
-SECRETS = ["Zanzibar-one", "Zanzibar-two", "Zanzibar-three"]
+SECRETS = ["Zanzibar-one", "Zanzibar-two", "Zanzibar-three", "Zanzibar-four"]
 CARD = "---\nlicense: apache-2.0\ntags:\n- mine\n---\n# My model\n\nWritten by its authors.\n"
 
 

@@ -29,7 +29,7 @@ def _output(progress: bool) -> Output:
 
 def unlearn(model: str | Path, forget: str | Path, out: str | Path, *, layers: str | None = None,
             multi: bool = False, key: str | Path | None = None, signer: Any = None, retain: str | Path | None = None,
-            previous: list[str | Path] = (), config: str | Path | dict[str, Any] | None = None, seed: int | None = None,
+            previous: list[str | Path] = (), base: str | Path | None = None, config: str | Path | dict[str, Any] | None = None, seed: int | None = None,
             force: bool = False, calibrate: bool = True, card: bool = True, device_map: str = "auto",
             dtype: str = "auto", progress: bool = False):
     """Edit ``model`` so it forgets the requests in ``forget``; write ``out`` with its signed manifest.
@@ -44,6 +44,7 @@ def unlearn(model: str | Path, forget: str | Path, out: str | Path, *, layers: s
         signer: a ``keys.SigningKey`` instead of ``key`` (e.g. ``keys.ephemeral()``).
         retain: facts to keep (request format).
         previous: earlier rounds' request files (``--previous``).
+        base: the chain's original checkpoint, to re-edit with every request so far (``--base``).
         config: hyperparameters: a YAML file or a dict of the same keys (docs/method.md).
         seed: the run's seed.
         calibrate: find the model's own settings when ``layers`` is not given.
@@ -63,7 +64,7 @@ def unlearn(model: str | Path, forget: str | Path, out: str | Path, *, layers: s
     hp = _hyper(config, seed, load_config)
     opts = UnlearnOptions(model=model, forget=Path(forget), out=Path(out), layers=layers, multi=multi,
                           key=Path(key) if key else None, signer=signer, retain=Path(retain) if retain else None,
-                          previous=[Path(p) for p in previous], force=force, calibrate=calibrate, card=card,
+                          previous=[Path(p) for p in previous], base=Path(base) if base else None, force=force, calibrate=calibrate, card=card,
                           device_map=device_map, dtype=dtype)
     return run_unlearn(opts, hp, _output(progress))
 

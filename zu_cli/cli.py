@@ -145,6 +145,9 @@ def unlearn(
     previous: list[Path] = typer.Option([], "--previous", metavar="FILE", help="Requests an earlier edit of this "
                                         "checkpoint forgot (repeatable): held at their edited outputs so this edit "
                                         "cannot bring them back (docs/method.md, 'Requests over time')."),
+    base: Optional[Path] = typer.Option(None, "--base", metavar="DIR", help="With --previous: edit the chain's "
+                                        "original checkpoint with every request so far instead of editing --model, "
+                                        "whose history the output extends (docs/method.md, 'Requests over time')."),
     no_card: bool = typer.Option(False, "--no-card", help="Leave the model card (README.md) as the input had it."),
     audit: Optional[str] = typer.Option(None, "--audit", metavar="quant,relearn,prompt,lens|all", help="After "
                                         "writing, run `zu verify --attack` on the output with the requests; exit 1 "
@@ -169,7 +172,7 @@ def unlearn(
                           stats_corpus=stats_corpus, retain=retain, device_map=device_map, max_memory=max_memory,
                           offload_dir=offload_dir, dtype=dtype, force=force, receipt=receipt,
                           include_requests=include_requests, key=key, calibrate=not no_calibrate,
-                          previous=list(previous), card=not no_card)
+                          previous=list(previous), base=base, card=not no_card)
     with output.live():
         res = run_unlearn(opts, hp, output)
     if not attacks:

@@ -74,6 +74,7 @@ class Link:
         return {"link": self.index, "folder": self.folder, "created": pred.get("created"),
                 "variant": edit.get("variant"), "layers": edit.get("layers"),
                 "requests": pred.get("requests", {}).get("count"), "keyid": pred.get("signer", {}).get("keyid"),
+                "rebased": bool(pred.get("lineage", {}).get("rebased")),
                 "signature": pred.get("signer", {}).get("format", "zu-dsse")}
 
 
@@ -162,7 +163,16 @@ def _signature_problem(folder: Path, man: Path, signer: dict[str, Any]) -> str |
 
 
 def _continuity(child: dict[str, Any], parent: dict[str, Any]) -> list[str]:
-    """The child's input was the parent's output: every file the parent lists, same sha256."""
-    inputs = child.get("predicate", {}).get("source", {}).get("files", {})
+    """The child's input was the parent's output: every file the parent lists, same sha256. A
+    rebased child (``zu unlearn --base``) edited the chain's original instead: its input's
+    fingerprint is the chain's base fingerprint, which the parent records too."""
+    from .manifest import sha256_file_list
+
+    pred = child.get("predicate", {})
+    inputs = pred.get("source", {}).get("files", {})
+    if pred.get("lineage", {}).get("rebased"):
+        base = parent.get("predicate", {}).get("lineage", {}).get("base_fingerprint")
+        return [] if sha256_file_list(inputs) == base == pred["lineage"].get("base_fingerprint") else \
+            ["the child edit re-edited a base other than this chain's original"]
     return [f"{s['name']}: the child edit's input differs from this edit's output"
             for s in parent.get("subject", []) if inputs.get(s["name"]) != s["digest"]["sha256"]]

@@ -42,6 +42,7 @@ class UnlearnOptions:
     calibrate: bool = True  # find the model's own settings when --layers is not given (calibrate.py)
     signer: Any = None  # a keys.SigningKey given by a library caller instead of --key
     previous: list[Path] = field(default_factory=list)  # earlier rounds' requests: held at their edited outputs
+    base: Path | None = None  # re-edit the chain's original with previous + forget (rebase.py)
     card: bool = True  # write or update the output's model card (README.md)
 
 
@@ -114,6 +115,11 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     asked = parse_layers(opts.layers)  # None (the model's own window), "auto" or layer numbers
     requests = load_requests(opts.forget)
     earlier = [r for path in opts.previous for r in load_requests(path)]
+    rebased = len(earlier) if opts.base else 0
+    if opts.base:  # one edit of every request so far: the earlier ones are edited, not held
+        from .rebase import every_request
+
+        requests, earlier = every_request(earlier, requests), []
     keep = keep_prompts(load_requests(opts.retain) if opts.retain else [], requests, earlier)
     key = opts.signer or load_signing_key(opts.key)
     receipt = opts.receipt or opts.out.parent / f"{opts.out.name}.zu-receipt.json"
@@ -121,6 +127,11 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
         raise UsageError(f"--receipt {receipt}: inside --out; the salt must stay with the operator")
     with out.stage("opening the checkpoint"):
         ckpt = open_checkpoint(opts.model)
+        parent_dir, lineage = ckpt.path, None
+        if opts.base:
+            check_out(ckpt, opts.out, opts.force)
+            lineage = input_lineage(ckpt.path, manifest.sha256_file_list(manifest.dir_digests(ckpt.path)), out)
+            ckpt = open_checkpoint(opts.base)
     check_out(ckpt, opts.out, opts.force)  # refuse before any expensive work
     spec = ckpt.spec
     n_layers = num_layers(spec, ckpt.config)
@@ -134,7 +145,13 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
         model, tok = load_model(ckpt, opts.device_map, opts.max_memory, opts.offload_dir, opts.dtype)
     targets_neutral = neutral_ids(tok, requests, opts.neutral)
     source_digests = manifest.dir_digests(ckpt.path)
-    lineage = input_lineage(ckpt.path, manifest.sha256_file_list(source_digests), out)
+    if opts.base:
+        from .rebase import check_rebase
+
+        check_rebase(parent_dir, lineage, manifest.sha256_file_list(source_digests), rebased, ckpt.path)
+        lineage["rebased"] = {"previous_requests": rebased}
+    else:
+        lineage = input_lineage(ckpt.path, manifest.sha256_file_list(source_digests), out)
     # Every round of a chain uses the base model's calibration and statistics: a round's edit is
     # small, and recomputing them per round would make round 16 cost what 16 first runs cost.
     source = lineage["base_fingerprint"]
@@ -200,7 +217,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     with out.progress("writing the checkpoint", len(list(ckpt.path.rglob("*")))) as advance:
         card = card_info(ckpt, predicate, key) if opts.card else None
         write_checkpoint(ckpt, opts.out, edited, force=opts.force,
-                         finalize=lambda tmp: seal(tmp, predicate, key, card), on_file=advance)
+                         finalize=lambda tmp: seal(tmp, predicate, key, card, parent_dir), on_file=advance)
     manifest.write_receipt(receipt, salt, commits)
     t["write"] = time.perf_counter() - t0
     return UnlearnResult(out=opts.out, layers=layers, layers_how=how,
@@ -261,14 +278,19 @@ def card_info(ckpt, predicate: dict[str, Any], key):
                     earlier_edits=lineage["depth"] - 1)
 
 
-def seal(tmp: Path, predicate: dict[str, Any], key, card) -> None:
-    """Finish the output folder before its rename: the parent's manifest into the history, the
-    model card, then the manifest and signature over everything (the card and history included)."""
+def seal(tmp: Path, predicate: dict[str, Any], key, card, parent_dir: Path) -> None:
+    """Finish the output folder before its rename: the parent's manifest into the history (copied
+    from ``parent_dir`` when the output was built from ``--base``), the model card, then the
+    manifest and signature over everything (the card and history included)."""
     from .card import write_card
     from .lineage import carry_parent
     from .manifest import write_manifest
+    from .rebase import carry_history
 
-    carry_parent(tmp, predicate["lineage"])
+    if predicate["lineage"].get("rebased"):
+        carry_history(tmp, parent_dir, predicate["lineage"])
+    else:
+        carry_parent(tmp, predicate["lineage"])
     if card is not None:
         write_card(tmp, card)
     write_manifest(tmp, predicate, key)

@@ -230,7 +230,8 @@ def render_log(links: list, problems: list[str], out: Output) -> None:
     for r in rows:
         n = r["requests"]
         out.err.print(f"link {r['link']}  {r['created'] or '(no date)'}  {r['variant']}  layers "
-                      f"{','.join(map(str, r['layers'] or []))}  {n} request{'s' if n != 1 else ''}  key "
+                      f"{','.join(map(str, r['layers'] or []))}  {n} request{'s' if n != 1 else ''}"
+                      f"{' (rebased: one edit of the original)' if r.get('rebased') else ''}  key "
                       f"{(r['keyid'] or '?')[:16]}…  {'this checkpoint' if r['folder'] == '.' else r['folder']}")
     for p in problems:
         out.err.print(f"[red]x[/red] {p}")
