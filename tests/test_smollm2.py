@@ -162,3 +162,4 @@ def test_readme_quick_start_runs_as_pasted(smollm2, tmp_path):
     assert "verify: ok" in proc.stderr and "part of this edit" in proc.stderr
     assert "Verification succeeded" in proc.stdout + proc.stderr  # model_signing's own check
     assert "link 2" in proc.stderr and "history of 2 signed edits checked" in proc.stderr
+    assert "link 3" in proc.stderr and "(rebased: one edit of the original)" in proc.stderr  # week 3, --base
