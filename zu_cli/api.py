@@ -29,9 +29,10 @@ def _output(progress: bool) -> Output:
 
 def unlearn(model: str | Path, forget: str | Path, out: str | Path, *, layers: str | None = None,
             multi: bool = False, key: str | Path | None = None, signer: Any = None, retain: str | Path | None = None,
-            previous: list[str | Path] = (), base: str | Path | None = None, config: str | Path | dict[str, Any] | None = None, seed: int | None = None,
-            force: bool = False, calibrate: bool = True, card: bool = True, device_map: str = "auto",
-            dtype: str = "auto", progress: bool = False):
+            previous: list[str | Path] = (), base: str | Path | None = None,
+            config: str | Path | dict[str, Any] | None = None, seed: int | None = None, force: bool = False,
+            calibrate: bool = True, card: bool = True, device_map: str = "auto", dtype: str = "auto",
+            progress: bool = False):
     """Edit ``model`` so it forgets the requests in ``forget``; write ``out`` with its signed manifest.
 
     Args:
@@ -64,8 +65,8 @@ def unlearn(model: str | Path, forget: str | Path, out: str | Path, *, layers: s
     hp = _hyper(config, seed, load_config)
     opts = UnlearnOptions(model=model, forget=Path(forget), out=Path(out), layers=layers, multi=multi,
                           key=Path(key) if key else None, signer=signer, retain=Path(retain) if retain else None,
-                          previous=[Path(p) for p in previous], base=Path(base) if base else None, force=force, calibrate=calibrate, card=card,
-                          device_map=device_map, dtype=dtype)
+                          previous=[Path(p) for p in previous], base=Path(base) if base else None, force=force,
+                          calibrate=calibrate, card=card, device_map=device_map, dtype=dtype)
     return run_unlearn(opts, hp, _output(progress))
 
 

@@ -127,12 +127,18 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
         raise UsageError(f"--receipt {receipt}: inside --out; the salt must stay with the operator")
     with out.stage("opening the checkpoint"):
         ckpt = open_checkpoint(opts.model)
-        parent_dir, lineage = ckpt.path, None
-        if opts.base:
+        parent_dir = ckpt.path  # the checkpoint whose history the output extends
+        if opts.base:  # the output is built from the chain's original instead
             check_out(ckpt, opts.out, opts.force)
-            lineage = input_lineage(ckpt.path, manifest.sha256_file_list(manifest.dir_digests(ckpt.path)), out)
             ckpt = open_checkpoint(opts.base)
     check_out(ckpt, opts.out, opts.force)  # refuse before any expensive work
+    source_digests = manifest.dir_digests(ckpt.path)
+    fingerprint = manifest.sha256_file_list(source_digests)
+    lineage = input_lineage(parent_dir, fingerprint, out)
+    if opts.base:
+        from .rebase import rebased_lineage
+
+        lineage = rebased_lineage(parent_dir, lineage, fingerprint, rebased, ckpt.path)
     spec = ckpt.spec
     n_layers = num_layers(spec, ckpt.config)
     if isinstance(asked, list):
@@ -144,14 +150,6 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     with out.stage("loading the model"):
         model, tok = load_model(ckpt, opts.device_map, opts.max_memory, opts.offload_dir, opts.dtype)
     targets_neutral = neutral_ids(tok, requests, opts.neutral)
-    source_digests = manifest.dir_digests(ckpt.path)
-    if opts.base:
-        from .rebase import check_rebase
-
-        check_rebase(parent_dir, lineage, manifest.sha256_file_list(source_digests), rebased, ckpt.path)
-        lineage["rebased"] = {"previous_requests": rebased}
-    else:
-        lineage = input_lineage(ckpt.path, manifest.sha256_file_list(source_digests), out)
     # Every round of a chain uses the base model's calibration and statistics: a round's edit is
     # small, and recomputing them per round would make round 16 cost what 16 first runs cost.
     source = lineage["base_fingerprint"]
@@ -169,7 +167,7 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
     queries = [(r.prompt, r.target) for r in requests]
     before = probe(model, tok, queries)
     z, z_prob, sensitive = _targets(model, tok, spec, requests, layers, templates, targets_neutral, hp, sens_kind,
-                                    manifest.sha256_file_list(source_digests), out)
+                                    fingerprint, out)
     t["targets"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

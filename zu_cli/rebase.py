@@ -35,16 +35,20 @@ def forgotten_so_far(model_dir: Path) -> int:
     return total
 
 
-def check_rebase(model_dir: Path, lineage: dict[str, Any], base_fingerprint: str, previous: int,
-                 base_dir: Path) -> None:
-    """Refuse a ``--base`` edit that would not reproduce the chain's forgetting.
+def rebased_lineage(model_dir: Path, lineage: dict[str, Any], base_fingerprint: str, previous: int,
+                    base_dir: Path) -> dict[str, Any]:
+    """The ``lineage`` of a ``--base`` edit, after refusing one that would not reproduce the
+    chain's forgetting.
 
     Args:
         model_dir: ``--model``, the checkpoint this edit replaces (a zu output).
-        lineage: ``--model``'s lineage record (``pipeline.input_lineage``).
-        base_fingerprint: the fingerprint of ``--base``'s files.
+        lineage: ``pipeline.input_lineage`` of ``model_dir``.
+        base_fingerprint: the fingerprint of ``--base``'s files (``manifest.sha256_file_list``).
         previous: how many requests ``--previous`` gives.
         base_dir: ``--base``, for the messages.
+
+    Returns:
+        ``lineage`` with ``rebased``: ``{"previous_requests": previous}``.
 
     Raises:
         UsageError: ``--model`` is not a verified zu output, ``--base`` is not the chain's
@@ -60,6 +64,7 @@ def check_rebase(model_dir: Path, lineage: dict[str, Any], base_fingerprint: str
     if previous < need:
         raise UsageError(f"--previous: {previous} requests, but the chain of {model_dir} forgot {need}; an edit of "
                          "--base without them would bring them back", hint="pass every earlier round's request file")
+    return {**lineage, "rebased": {"previous_requests": previous}}
 
 
 def every_request(earlier: list, requests: list) -> list:
