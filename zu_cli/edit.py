@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -106,11 +107,13 @@ def kl_rows(tok, requests: list[Request]) -> Rows:
 
 @torch.no_grad()
 def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs: bool = False,
-               chunk: int = 16) -> dict[str, torch.Tensor]:
+               chunk: int = 16, replay=None) -> dict[str, torch.Tensor]:
     """Each module's output (or input) at the lookup token, averaged per request over its rows.
 
     Rows are run ``chunk`` at a time: a pass's transient activations grow with its rows (60
-    rows of SmolLM2 took 100 MB more), and only the lookup token's vector is kept.
+    rows of SmolLM2 took 100 MB more), and only the lookup token's vector is kept. ``replay``
+    (a ``hooks.LayerReplay`` already ``at`` this pass) skips the layers an earlier pass over the
+    same rows recorded.
 
     Returns:
         module -> (n, dim) float64 on CPU.
@@ -119,7 +122,8 @@ def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs: bool 
     for b in range(0, len(rows.seqs), chunk):
         batch = left_pad(rows.seqs[b:b + chunk], tok.pad_token_id, input_device(model))
         look = torch.tensor(rows.lookup[b:b + chunk]) + batch.offset.cpu()
-        with TraceDict(model, modules, retain_input=inputs, retain_output=not inputs, stop=True) as td:
+        with replay.chunk(b // chunk) if replay else contextlib.nullcontext(), \
+                TraceDict(model, modules, retain_input=inputs, retain_output=not inputs, stop=True) as td:
             model(**batch.kwargs())
         for m in modules:
             x = as_tokens(td[m].input if inputs else td[m].output, *batch.ids.shape)  # (rows, seq, dim)

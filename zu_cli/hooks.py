@@ -175,3 +175,60 @@ def replay_below(model: torch.nn.Module, layers_path: str, start: int, hidden_in
     finally:
         for i, mod in enumerate(saved):
             stack[i] = mod
+
+
+def layers_return_tensors(model: torch.nn.Module, layers_path: str, device: torch.device) -> bool:
+    """Whether the decoder layers return a plain tensor (the condition of ``replay_below``), from
+    one two-token pass stopped after layer 0."""
+    with Trace(model, f"{layers_path}.0", stop=True) as t, torch.no_grad():
+        model(input_ids=torch.tensor([[0, 1]], device=device))
+    return t.plain_output
+
+
+class LayerReplay:
+    """Replays, pass after pass, what an earlier pass over the same row chunks recorded.
+
+    ``update.edit_layers`` edits layers in increasing order and recomputes keys after each edit;
+    an edit of layer l changes nothing below it, so the input of layer l recorded by the pass
+    before that edit is still exact in the pass after it. ``at(layer)`` before each pass: that pass
+    replays the input recorded by the previous one and records ``layer``'s input for the next.
+    Inactive (every pass runs all layers) when the decoder layers return tuples.
+
+    Args:
+        model: the model.
+        layers_path: module path of the decoder layers' ModuleList.
+        active: False to run every pass in full (tests compare both).
+    """
+
+    def __init__(self, model: torch.nn.Module, layers_path: str, active: bool):
+        self.model, self.path, self.active = model, layers_path, active
+        self.start, self.inputs = 0, []  # replayed: layers below ``start``, per chunk the input of ``start``
+        self.layer, self.recorded = None, []  # recorded by the current pass
+
+    def at(self, layer: int) -> "LayerReplay":
+        """Start a pass that records the input of ``layer`` (at or above the replayed one)."""
+        if self.layer is not None:
+            self.start, self.inputs = self.layer, self.recorded
+        self.layer, self.recorded = layer, []
+        return self
+
+    @contextlib.contextmanager
+    def chunk(self, j: int):
+        """Context for chunk ``j`` of the pass: layers below ``start`` replayed, ``layer``'s input recorded."""
+        if not self.active:
+            yield
+            return
+        stack = get_module(self.model, self.path)
+
+        def pre(_mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            self.recorded.append(x.detach())
+
+        handle = stack[self.layer].register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            replay = replay_below(self.model, self.path, self.start, self.inputs[j]) if self.start > 0 \
+                else contextlib.nullcontext()
+            with replay:
+                yield
+        finally:
+            handle.remove()

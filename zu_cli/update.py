@@ -19,8 +19,9 @@ from .config import Hyper
 from .console import Output
 from .edit import build_rows, outputs_at
 from .errors import NumericalError
-from .hooks import TraceDict
+from .hooks import LayerReplay, TraceDict, layers_return_tensors
 from .requests import Request
+from .text import input_device
 from .solve import (MultiWeights, closed_form, guard, multi_exact, multi_gradient, multi_loss, null_space, projector,
                     stochastic_round)
 
@@ -143,8 +144,12 @@ def multi_solver(kk: dict[int, torch.Tensor], hp: Hyper) -> Solver:
 
 def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: list[int], weights: dict[int, torch.Tensor],
                 biases: dict[int, torch.Tensor | None], z: torch.Tensor, sensitive: dict[int, torch.Tensor],
-                templates: list[str], hp: Hyper, solver: Solver, out: Output) -> list[LayerUpdate]:
+                templates: list[str], hp: Hyper, solver: Solver, out: Output,
+                replay: bool = True) -> list[LayerUpdate]:
     """Edit each layer in order, keys recomputed on the already-edited model (§2.5).
+
+    Each pass after the first replays the layers below the layer edited last (unchanged by it:
+    ``hooks.LayerReplay``), so a pass runs from there up instead of from the embeddings.
 
     Args:
         weights: layer -> W (d, f) as on disk, output = W @ key orientation. Its dtype is the
@@ -156,6 +161,7 @@ def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: lis
         sensitive: layer -> M_f (n, d) sensitive output vectors.
         templates: context templates for the keys.
         solver: ``closed_form_solver(...)`` or ``multi_solver(...)``.
+        replay: False to run every pass from the embeddings (the same result; for tests).
 
     Returns:
         One LayerUpdate per layer.
@@ -168,13 +174,18 @@ def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: lis
     bare = build_rows(tok, requests, ["{}"])
     last = spec.layer_module(layers[-1])
     gen = torch.Generator().manual_seed(hp.seed)
+    # Replay needs the layers edited bottom up, and decoder layers that return a plain tensor.
+    replay = replay and layers == sorted(set(layers)) and \
+        layers_return_tensors(model, spec.layers, input_device(model))
+    key_replay, h_replay = LayerReplay(model, spec.layers, replay), LayerReplay(model, spec.layers, replay)
     done: dict[int, torch.Tensor] = {}
     updates = []
     for i, layer in enumerate(layers):
         mod = spec.down_proj_module(layer)
         with applied(model, spec, done, biases):
-            k = outputs_at(model, tok, key_rows, [mod], n, inputs=True)[mod]  # (n, f)
-            h = outputs_at(model, tok, bare, [last], n)[last] if z.dim() == 2 else None  # (n, d)
+            k = outputs_at(model, tok, key_rows, [mod], n, inputs=True, replay=key_replay.at(layer))[mod]  # (n, f)
+            h = outputs_at(model, tok, bare, [last], n, replay=h_replay.at(layer))[last] \
+                if z.dim() == 2 else None  # (n, d)
         w = weights[layer].to(torch.float64)  # (d, f)
         if z.dim() == 3:  # per-layer deltas: this layer's output plus its own
             t = w @ k.T + z[:, i].to(torch.float64).T  # (d, n)
