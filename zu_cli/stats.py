@@ -181,28 +181,40 @@ def stats_key(source_digest: str, module: str, corpus_digest: str) -> str:
     return hashlib.sha256(f"v1:{source_digest}:{module}:{corpus_digest}".encode()).hexdigest()[:32]
 
 
-def load_cached(key: str) -> torch.Tensor | None:
-    """A cached G or None."""
+def read_entry(kind: str, key: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of cache entry ``ZU_CACHE_DIR/kind/key.safetensors``, or None if absent or damaged
+    (a damaged entry is recomputed, not fatal)."""
     from safetensors.torch import load_file
 
-    f = cache_dir() / "stats" / f"{key}.safetensors"
+    f = cache_dir() / kind / f"{key}.safetensors"
     if not f.is_file():
         return None
     try:
-        return load_file(f)["G"]
-    except Exception:  # a damaged cache entry is recomputed, not fatal
+        return load_file(f)
+    except Exception:
         return None
+
+
+def write_entry(kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write cache entry ``ZU_CACHE_DIR/kind/key.safetensors`` atomically."""
+    from safetensors.torch import save_file
+
+    d = cache_dir() / kind
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{key}.{os.getpid()}.tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, d / f"{key}.safetensors")
+
+
+def load_cached(key: str) -> torch.Tensor | None:
+    """A cached G or None."""
+    entry = read_entry("stats", key)
+    return None if entry is None or "G" not in entry else entry["G"]
 
 
 def store_cached(key: str, g: torch.Tensor) -> None:
     """Write G to the cache atomically."""
-    from safetensors.torch import save_file
-
-    d = cache_dir() / "stats"
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{key}.{os.getpid()}.tmp"
-    save_file({"G": g.contiguous()}, tmp)
-    os.replace(tmp, d / f"{key}.safetensors")
+    write_entry("stats", key, {"G": g})
 
 
 def cached_moments(source: str, digest: str, names: dict[int, str], keys: bool,

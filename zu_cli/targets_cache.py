@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from pathlib import Path
 
 import torch
 
 from .config import Hyper
 from .requests import Request
-from .stats import cache_dir
+from .stats import read_entry, write_entry
 
 VERSION = "v1"
 # Hyper fields the targets stage reads; batch sizes and the prefix cache change how, not what.
@@ -46,21 +44,12 @@ def request_keys(fingerprint: str, requests: list[Request], neutral: list[list[i
             for r, t in zip(requests, neutral)]
 
 
-def _path(key: str) -> Path:
-    return cache_dir() / "targets" / f"{key}.safetensors"
-
-
 def load(key: str, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]] | None:
     """One request's (z, probability (1,), layer -> sensitive vector (1, d)), or None if absent or unreadable."""
-    from safetensors.torch import load_file
-
-    f = _path(key)
-    if not f.is_file():
-        return None
+    t = read_entry("targets", key)
     try:
-        t = load_file(f)
-        return t["z"][None], t["prob"], {l: t["sens"][i][None] for i, l in enumerate(layers)}
-    except Exception:  # a damaged entry is recomputed, not fatal
+        return None if t is None else (t["z"][None], t["prob"], {l: t["sens"][i][None] for i, l in enumerate(layers)})
+    except (KeyError, IndexError):  # a damaged entry is recomputed, not fatal
         return None
 
 
@@ -70,13 +59,7 @@ def store(key: str, z: torch.Tensor, prob: torch.Tensor, sens: torch.Tensor) -> 
     Args:
         z: (d,) or (layers, d); prob: (1,); sens: (layers, d).
     """
-    from safetensors.torch import save_file
-
-    f = _path(key)
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
-    save_file({"z": z.contiguous(), "prob": prob.contiguous(), "sens": sens.contiguous()}, tmp)
-    os.replace(tmp, f)
+    write_entry("targets", key, {"z": z, "prob": prob, "sens": sens})
 
 
 def cached_targets(keys: list[str], layers: list[int], compute) -> tuple[tuple, int]:
