@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .probes import Probe, lens_ranks, probe
+from .quantise import Quantised
 
 ATTACKS = ("quant", "relearn", "prompt", "lens")
 QUANT_FORMATS = ("Q8_0", "Q5_0", "Q4_0")
@@ -87,38 +88,16 @@ def _probe_all(model, tok, rows: list[list[tuple[str, str, str]]]) -> list[list[
 def quant(model, tok, requests: list, formats: tuple[str, ...]) -> dict[str, list[list[tuple[str, Probe]]]]:
     """Per format: the prompts and paraphrases probed on the model with every linear weight round-tripped.
 
-    The weights are restored afterwards (the originals of one format's linears are held at a time).
+    The weights are restored afterwards (one format's quantised copies are held at a time).
     Embeddings stay as they are (GGUF files usually keep them at higher precision too).
 
     Raises:
         UsageError: a format the gguf library cannot quantise (exit 2).
     """
-    import numpy as np
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
-
-    from .errors import UsageError
-
     out = {}
     for fmt in formats:
-        try:
-            qtype = GGMLQuantizationType[fmt]
-            block = GGML_QUANT_SIZES[qtype][0]
-            quants.quantize(np.zeros((1, block), dtype=np.float32), qtype)  # has the library a quantiser?
-        except (KeyError, NotImplementedError) as exc:
-            raise UsageError(f"--quant-formats {fmt}: the gguf library cannot quantise it (it does "
-                             f"{', '.join(QUANT_FORMATS)}, Q5_1, Q4_1)") from exc
-        # Rows shorter than a block stay unquantised, as GGUF writers keep such tensors at higher precision.
-        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.shape[-1] % block == 0]
-        saved = [m.weight.data.clone() for m in linears]
-        try:
-            for m in linears:
-                w = m.weight.data.float().cpu().numpy()  # (out, in): GGUF blocks run along the input dim
-                back = quants.dequantize(quants.quantize(w, qtype), qtype)
-                m.weight.data.copy_(torch.from_numpy(np.ascontiguousarray(back)).to(m.weight.dtype))
+        with Quantised(model, fmt).swapped():
             out[fmt] = _probe_all(model, tok, [_queries(r) for r in requests])
-        finally:
-            for m, w in zip(linears, saved):
-                m.weight.data.copy_(w)
     return out
 
 

@@ -20,6 +20,7 @@ from .console import Output
 from .edit import build_rows, outputs_at
 from .errors import NumericalError
 from .hooks import LayerReplay, TraceDict, layers_return_tensors
+from .quantise import Quantised, check_format, roundtrip
 from .requests import Request
 from .text import input_device
 from .solve import (MultiWeights, closed_form, guard, multi_exact, multi_gradient, multi_loss, null_space, projector,
@@ -178,6 +179,7 @@ def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: lis
     replay = replay and layers == sorted(set(layers)) and \
         layers_return_tensors(model, spec.layers, input_device(model))
     key_replay, h_replay = LayerReplay(model, spec.layers, replay), LayerReplay(model, spec.layers, replay)
+    quantised = quantised_below(model, spec, layers[-1], hp.quant_keys)
     done: dict[int, torch.Tensor] = {}
     updates = []
     for i, layer in enumerate(layers):
@@ -191,7 +193,17 @@ def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: lis
             t = w @ k.T + z[:, i].to(torch.float64).T  # (d, n)
         else:  # the residual still missing, spread over the layers left
             t = w @ k.T + (z.to(torch.float64) - h).T / (len(layers) - i)  # (d, n)
+        if quantised:  # the same residual asked of the keys a quantised copy computes (hp.quant_keys)
+            kq = quant_keys(model, tok, spec, key_rows, n, layer, quantised, done, biases)  # (F n, f)
+            t = torch.cat([t, w @ kq.T + (t - w @ k.T).repeat(1, len(quantised))], 1)  # (d, (1 + F) n)
+            k = torch.cat([k, kq])
+            # Each key is asked for the full residual at full weight: with the weight shared among a
+            # prompt's keys, neither is met (docs/results.md, "Attacks, measured").
+            info_q = {"quant_keys": len(quantised)}
+        else:
+            info_q = {}
         new, info = solver(layer, w, k, t, sensitive[layer].to(torch.float64))
+        info = {**info, **info_q}
         if hp.rounding == "stochastic":
             new = stochastic_round(new, weights[layer].dtype, gen)
         else:
@@ -205,3 +217,34 @@ def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: lis
                  + ", ".join(f"{key} {val:.3g}" if isinstance(val, float) else f"{key} {val}"
                              for key, val in info.items()))
     return updates
+
+
+def quantised_below(model, spec: ArchSpec, top: int, formats: str) -> list[Quantised]:
+    """Quantised copies (``quantise.Quantised``) of every linear weight in decoder layers 0..``top``,
+    one per GGUF format in ``formats`` (comma-separated; empty: none)."""
+    prefix = spec.layers + "."
+
+    def below(name: str) -> bool:
+        rest = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
+        return rest.isdigit() and int(rest) <= top
+
+    return [Quantised(model, f.strip(), below) for f in formats.split(",") if f.strip()]
+
+
+def quant_keys(model, tok, spec: ArchSpec, rows, n: int, layer: int, quantised: list[Quantised],
+               done: dict[int, torch.Tensor], biases: dict[int, torch.Tensor | None]) -> torch.Tensor:
+    """The forget keys of ``layer`` on quantised copies of the model, the layers edited so far included.
+
+    Quantising the weights below an edit moves the keys it reads; an edit solved for these keys as
+    well holds on the quantised model (docs/method.md, "Forgetting that survives quantisation").
+
+    Returns:
+        (len(quantised) * n, f) float64, format by format.
+    """
+    mod = spec.down_proj_module(layer)
+    out = []
+    for q in quantised:
+        edited = {l: roundtrip(w, q.fmt) if w.shape[-1] % check_format(q.fmt) == 0 else w for l, w in done.items()}
+        with q.swapped(), applied(model, spec, edited, biases):
+            out.append(outputs_at(model, tok, rows, [mod], n, inputs=True)[mod])
+    return torch.cat(out)
