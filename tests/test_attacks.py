@@ -73,20 +73,28 @@ def test_attack_needs_forget_and_known_names(edited_facts):
     assert res.exit_code == 2 and "Q4_K" in res.output
 
 
-def test_quant_round_trip_restores_the_weights(tiny_models):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # torch Linear; GPT-2's Conv1D, weight (in, out)
+def test_quant_round_trip_restores_the_weights(tiny_models, family):
     import torch
 
     from zu_cli.attacks import quant
     from zu_cli.checkpoint import open_checkpoint
     from zu_cli.loading import load_model
+    from zu_cli.quantise import Quantised
     from zu_cli.requests import Request
 
-    model, tok = load_model(open_checkpoint(tiny_models["llama"]), device_map="cpu", dtype="float32")
+    model, tok = load_model(open_checkpoint(tiny_models[family]), device_map="cpu", dtype="float32")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     req = Request(id="a", prompt="The quick brown fox", subject=None, target="jumps")
     rows = quant(model, tok, [req], ("Q4_0",))
     assert len(rows["Q4_0"]) == 1 and rows["Q4_0"][0][0][0] == "prompt"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    q = Quantised(model, "Q4_0")
+    decoder = [m for m in q.modules if m is not model.get_output_embeddings()]
+    assert len(decoder) >= 3 * 4  # every attention and MLP matrix of the 3 layers, not the head alone
+    with q.swapped():
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert any(".0." in k and "mlp" in k for k in changed)
 
 
 def test_unlearn_audit_runs_the_attacks_on_what_it_wrote(fact_model_dir, fact_config, edited_facts, tmp_path):
@@ -102,3 +110,16 @@ def test_unlearn_audit_runs_the_attacks_on_what_it_wrote(fact_model_dir, fact_co
     res = runner.invoke(app, ["unlearn", "--model", str(fact_model_dir), "--forget", str(edited_facts / "forget.jsonl"),
                               "--out", str(tmp_path / "o2"), "--audit", "quant,nope"])
     assert res.exit_code == 2 and not (tmp_path / "o2").exists()
+
+
+def test_verify_names_the_remedy_for_what_came_back():
+    from zu_cli.render_verify import attack_hints
+
+    rows = [{"attack": "quant-Q8_0", "judged": True, "recalled": 0}, {"attack": "quant-Q5_0", "judged": True, "recalled": 1},
+            {"attack": "quant-Q4_0", "judged": True, "recalled": 3}, {"attack": "relearn", "judged": True, "recalled": 0},
+            {"attack": "relearn-control", "judged": False, "recalled": 2}]
+    hints = attack_hints(rows)
+    assert len(hints) == 1 and 'quant_keys: "Q5_0,Q4_0"' in hints[0]
+    rows[3]["recalled"] = 1
+    assert "z_answer: 20" in attack_hints(rows)[1]
+    assert attack_hints([{**r, "recalled": 0} for r in rows]) == []

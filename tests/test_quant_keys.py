@@ -24,11 +24,14 @@ TEMPLATES = ["{}", "Once upon a time. {}"]
 LAYERS = [1, 2]
 
 
-def _setup(tiny_models):
-    ckpt = open_checkpoint(tiny_models["llama"])
+def _setup(tiny_models, family="llama"):
+    ckpt = open_checkpoint(tiny_models[family])
     model, tok = load_model(ckpt, device_map="cpu", dtype="float32")
     reqs = [Request(id=str(i), prompt=p, subject=s, target=t) for i, (p, s, t) in enumerate(REQUESTS)]
-    weights = {l: hooks.get_module(model, ckpt.spec.down_proj_module(l)).weight.detach().float() for l in LAYERS}
+    weights = {}
+    for l in LAYERS:  # (d, f), output = W @ key
+        w = hooks.get_module(model, ckpt.spec.down_proj_module(l)).weight.detach().float()
+        weights[l] = w.T.contiguous() if ckpt.spec.transposed else w
     return model, tok, ckpt.spec, reqs, weights
 
 
@@ -39,8 +42,9 @@ def _edit(model, tok, spec, reqs, weights, z, solver, quant_keys: str, layers=LA
                        solver, silent())
 
 
-def test_the_solver_gets_the_quantised_copys_keys_with_the_same_residual(tiny_models):
-    model, tok, spec, reqs, weights = _setup(tiny_models)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # torch Linear; GPT-2's Conv1D, weight (in, out)
+def test_the_solver_gets_the_quantised_copys_keys_with_the_same_residual(tiny_models, family):
+    model, tok, spec, reqs, weights = _setup(tiny_models, family)
     z = torch.randn(len(reqs), weights[1].shape[0], generator=torch.Generator().manual_seed(0))
     seen = []
 
@@ -110,4 +114,20 @@ def test_quant_keys_accepts_gguf_formats_only(tmp_path):
     cfg.write_text('quant_keys: "Q4_0,Q4_K"\n')
     with pytest.raises(InputFileError, match=r"c\.yaml: field 'quant_keys' .*'Q4_K'") as exc:
         load_config(cfg)
+    assert exc.value.exit_code == 2
+
+
+def test_a_model_with_nothing_to_quantise_is_refused():
+    # Rows of 48 and 80 are not whole 32-wide GGUF blocks: a writer keeps such weights unquantised, so the
+    # quantised copy would be the model itself and its keys the same keys.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from zu_cli.arch import lookup
+    from zu_cli.errors import UsageError
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg)
+    with pytest.raises(UsageError, match="no weight in layers 0-1 can be quantised to Q4_0") as exc:
+        quantised_below(model, lookup(cfg), 1, "Q4_0")
     assert exc.value.exit_code == 2

@@ -52,14 +52,28 @@ def roundtrip(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(back)).to(device=weight.device, dtype=weight.dtype)
 
 
-def quantisable(model, fmt: str, where: Callable[[str], bool] = lambda name: True) -> list[tuple[str, torch.nn.Linear]]:
+def _input_last(module) -> bool | None:
+    """Whether ``module``'s weight has its input dimension last (a Linear), first (GPT-2's Conv1D),
+    or None for a module that is not a linear layer."""
+    if isinstance(module, torch.nn.Linear):
+        return True
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        return False  # transformers.pytorch_utils.Conv1D: weight (in, out), output = x @ W + b
+    return None
+
+
+def quantisable(model, fmt: str, where: Callable[[str], bool] = lambda name: True) -> list[tuple[str, torch.nn.Module]]:
     """The model's linear layers a GGUF writer would quantise to ``fmt``, filtered by module name.
 
     Rows shorter than a block are left out, as GGUF writers keep such tensors at higher precision.
     """
     block = check_format(fmt)
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and m.weight.shape[-1] % block == 0 and where(n)]
+    out = []
+    for name, m in model.named_modules():
+        last = _input_last(m)
+        if last is not None and m.weight.shape[-1 if last else 0] % block == 0 and where(name):
+            out.append((name, m))
+    return out
 
 
 class Quantised:
@@ -77,7 +91,9 @@ class Quantised:
         if any(m.weight.device.type == "meta" for m in self.modules):
             raise UsageError(f"{fmt} keys need every quantised weight loaded (some are offloaded)",
                              hint="load the model without --offload-dir, or drop quant_keys")
-        self.weights = [roundtrip(m.weight.data, fmt) for m in self.modules]
+        # GGUF blocks run along each weight's input dimension (the first of a Conv1D's).
+        self.weights = [roundtrip(m.weight.data, fmt) if _input_last(m) else roundtrip(m.weight.data.T, fmt).T
+                        for m in self.modules]
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:

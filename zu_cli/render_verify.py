@@ -66,11 +66,34 @@ def render_verify(report, out: Output) -> None:
                       str(a["probed"]), str(a["recalled_pct"]),
                       "" if a["base_recalled"] is None else str(a["base_recalled"]), a["note"])
         out.err.print(t)
+        for hint in attack_hints(report.attack_summary):
+            out.err.print(hint)
     if report.deep:
         d = report.deep
         out.err.print(f"logit lens: targets decodable (rank < {d['k']}) per layer, after: {d['decodable_after']}"
                       + (f"; before: {d['decodable_before']}" if d["decodable_before"] else ""))
     out.err.print(verdict_line(report))
+
+
+def attack_hints(summary: list[dict]) -> list[str]:
+    """What to edit with when a judged attack brought facts back (docs/verify.md, "Attacks").
+
+    Args:
+        summary: the report's attack summary rows (``attack``, ``recalled``, ``judged``).
+
+    Returns:
+        One line per remedy, none when nothing came back.
+    """
+    back = [a["attack"] for a in summary if a["judged"] and a["recalled"]]
+    quant = [a.removeprefix("quant-") for a in back if a.startswith("quant-")]
+    hints = []
+    if quant:
+        hints.append(f'hint: facts came back under {", ".join(quant)}: edit again with quant_keys: "{",".join(quant)}" '
+                     "in --config (docs/method.md, \"Forgetting that survives quantisation\")")
+    if "relearn" in back:
+        hints.append("hint: facts came back after fine-tuning: edit again with z_answer: 20 in --config "
+                     "(docs/method.md, \"When to change what\")")
+    return hints
 
 
 def verdict_line(report) -> str:

@@ -18,7 +18,7 @@ from .arch import ArchSpec
 from .config import Hyper
 from .console import Output
 from .edit import build_rows, outputs_at
-from .errors import NumericalError
+from .errors import NumericalError, UsageError
 from .hooks import LayerReplay, TraceDict, layers_return_tensors
 from .quantise import Quantised, check_format, roundtrip
 from .requests import Request
@@ -196,14 +196,12 @@ def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: lis
         if quantised:  # the same residual asked of the keys a quantised copy computes (hp.quant_keys)
             kq = quant_keys(model, tok, spec, key_rows, n, layer, quantised, done, biases)  # (F n, f)
             t = torch.cat([t, w @ kq.T + (t - w @ k.T).repeat(1, len(quantised))], 1)  # (d, (1 + F) n)
-            k = torch.cat([k, kq])
             # Each key is asked for the full residual at full weight: with the weight shared among a
             # prompt's keys, neither is met (docs/results.md, "Attacks, measured").
-            info_q = {"quant_keys": len(quantised)}
-        else:
-            info_q = {}
+            k = torch.cat([k, kq])
         new, info = solver(layer, w, k, t, sensitive[layer].to(torch.float64))
-        info = {**info, **info_q}
+        if quantised:
+            info = {**info, "quant_keys": len(quantised)}
         if hp.rounding == "stochastic":
             new = stochastic_round(new, weights[layer].dtype, gen)
         else:
@@ -228,7 +226,11 @@ def quantised_below(model, spec: ArchSpec, top: int, formats: str) -> list[Quant
         rest = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
         return rest.isdigit() and int(rest) <= top
 
-    return [Quantised(model, f.strip(), below) for f in formats.split(",") if f.strip()]
+    out = [Quantised(model, f.strip(), below) for f in formats.split(",") if f.strip()]
+    if any(not q.modules for q in out):
+        raise UsageError(f"quant_keys: no weight in layers 0-{top} can be quantised to "
+                         f"{next(q.fmt for q in out if not q.modules)} (rows must be whole blocks)")
+    return out
 
 
 def quant_keys(model, tok, spec: ArchSpec, rows, n: int, layer: int, quantised: list[Quantised],
