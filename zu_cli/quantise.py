@@ -89,8 +89,8 @@ class Quantised:
         self.fmt = fmt
         self.modules = [m for _, m in quantisable(model, fmt, where)]
         if any(m.weight.device.type == "meta" for m in self.modules):
-            raise UsageError(f"{fmt} keys need every quantised weight loaded (some are offloaded)",
-                             hint="load the model without --offload-dir, or drop quant_keys")
+            raise UsageError(f"a {fmt} round trip needs every weight it quantises in memory (some are offloaded)",
+                             hint="load the model without --offload-dir (or with a larger --max-memory)")
         # GGUF blocks run along each weight's input dimension (the first of a Conv1D's).
         self.weights = [roundtrip(m.weight.data, fmt) if _input_last(m) else roundtrip(m.weight.data.T, fmt).T
                         for m in self.modules]
