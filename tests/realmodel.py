@@ -49,11 +49,16 @@ def seed_profile(model_dir, recorded: dict) -> None:
 
 
 def unlearn(model_dir, facts, tmp_path, multi=False):
+    return unlearn_with(model_dir, facts, tmp_path, Hyper(), multi)
+
+
+def unlearn_with(model_dir, facts, tmp_path, hp, multi=False):
+    """``zu unlearn`` of ``facts`` (without paraphrases or neighbours) with ``hp``: (output dir, result)."""
     req = tmp_path / "forget.jsonl"
     req.write_text("".join(json.dumps({k: f[k] for k in ("id", "prompt", "subject", "target")}) + "\n"
                            for f in facts))
     res = run_unlearn(UnlearnOptions(model=model_dir, forget=req, out=tmp_path / "out", device_map="cpu",
-                                     multi=multi), Hyper(), silent())
+                                     multi=multi), hp, silent())
     return tmp_path / "out", res
 
 

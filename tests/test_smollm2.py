@@ -67,6 +67,35 @@ def test_zu_verify_on_smollm2(smollm2, edit10, tmp_path):
         assert f["target"] not in res.output + junit.read_text() and f["subject"] not in res.output
 
 
+def test_quant_keys_edit_survives_gguf_round_trips(smollm2, edit10, tmp_path):
+    """Issue 26: solved with keys of the Q4_0/Q5_0 round trips as well, the edit of the same 10
+    facts keeps >= 95 % of what it forgot after either round trip (the default edit lost a
+    paraphrase to each, docs/results.md), and still forgets the prompts."""
+    from typer.testing import CliRunner
+
+    from realmodel import unlearn_with
+    from zu_cli.cli import app
+    from zu_cli.config import Hyper
+
+    out, res = unlearn_with(smollm2, FACTS[:10], tmp_path, Hyper(quant_keys="Q4_0,Q5_0"))
+    assert res.layers == edit10[1].layers and all(u.get("quant_keys") == 2 for u in res.updates)
+    assert sum(not r["recalled_after"] for r in res.requests) >= 9
+    req = tmp_path / "probe.jsonl"
+    req.write_text("".join(json.dumps({k: f[k] for k in ("id", "prompt", "subject", "target", "paraphrases")}) + "\n"
+                           for f in FACTS[:10]))
+    run = CliRunner().invoke(app, ["verify", "--model", str(out), "--forget", str(req), "--baseline", str(smollm2),
+                                   "--attack", "quant", "--quant-formats", "Q5_0,Q4_0", "--json"])
+    doc = json.loads(run.stdout)
+    probes = [p for r in doc["requests"] for p in r["probes"]]
+    forgotten = {p["name"].rsplit("/", 1)[0] + ("/prompt" if p["kind"] == "forget" else "/" + p["name"].rsplit("/", 1)[1])
+                 for p in probes if p["kind"] in ("forget", "paraphrase") and p["passed"]}
+    for fmt in ("Q5_0", "Q4_0"):
+        judged = [p for p in doc["attacks"]["probes"] if f"/quant-{fmt}/" in p["name"] and p["passed"] is not None
+                  and p["name"].replace(f"/quant-{fmt}", "") in forgotten]
+        assert judged, fmt
+        assert sum(p["passed"] for p in judged) >= 0.95 * len(judged), (fmt, [p["name"] for p in judged if not p["passed"]])
+
+
 def test_subject_that_is_the_prompts_first_token(smollm2, tmp_path):
     """"Italy's capital," puts its subject's token at position 0 of the bare prompt: SmolLM2's
     attention sink, whose hidden state reaches norm 24,000 at the edited layers (others ~200). Read
