@@ -180,6 +180,7 @@ def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: lis
         layers_return_tensors(model, spec.layers, input_device(model))
     key_replay, h_replay = LayerReplay(model, spec.layers, replay), LayerReplay(model, spec.layers, replay)
     quantised = quantised_below(model, spec, layers[-1], hp.quant_keys)
+    rounded: dict[tuple[str, int], torch.Tensor] = {}  # (format, layer) -> an edited weight's round trip
     done: dict[int, torch.Tensor] = {}
     updates = []
     for i, layer in enumerate(layers):
@@ -194,7 +195,7 @@ def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: lis
         else:  # the residual still missing, spread over the layers left
             t = w @ k.T + (z.to(torch.float64) - h).T / (len(layers) - i)  # (d, n)
         if quantised:  # the same residual asked of the keys a quantised copy computes (hp.quant_keys)
-            kq = quant_keys(model, tok, spec, key_rows, n, layer, quantised, done, biases)  # (F n, f)
+            kq = quant_keys(model, tok, spec, key_rows, n, layer, quantised, done, biases, rounded)  # (F n, f)
             t = torch.cat([t, w @ kq.T + (t - w @ k.T).repeat(1, len(quantised))], 1)  # (d, (1 + F) n)
             # Each key is asked for the full residual at full weight: with the weight shared among a
             # prompt's keys, neither is met (docs/results.md, "Attacks, measured").
@@ -234,11 +235,16 @@ def quantised_below(model, spec: ArchSpec, top: int, formats: str) -> list[Quant
 
 
 def quant_keys(model, tok, spec: ArchSpec, rows, n: int, layer: int, quantised: list[Quantised],
-               done: dict[int, torch.Tensor], biases: dict[int, torch.Tensor | None]) -> torch.Tensor:
+               done: dict[int, torch.Tensor], biases: dict[int, torch.Tensor | None],
+               rounded: dict[tuple[str, int], torch.Tensor]) -> torch.Tensor:
     """The forget keys of ``layer`` on quantised copies of the model, the layers edited so far included.
 
     Quantising the weights below an edit moves the keys it reads; an edit solved for these keys as
     well holds on the quantised model (docs/method.md, "Forgetting that survives quantisation").
+
+    Args:
+        rounded: (format, layer) -> the round trip of an edited weight, filled here as layers are
+            done, so each is rounded once for all the layers above it.
 
     Returns:
         (len(quantised) * n, f) float64, format by format.
@@ -246,7 +252,10 @@ def quant_keys(model, tok, spec: ArchSpec, rows, n: int, layer: int, quantised: 
     mod = spec.down_proj_module(layer)
     out = []
     for q in quantised:
-        edited = {l: roundtrip(w, q.fmt) if w.shape[-1] % check_format(q.fmt) == 0 else w for l, w in done.items()}
+        for l, w in done.items():
+            if (q.fmt, l) not in rounded:
+                rounded[q.fmt, l] = roundtrip(w, q.fmt) if w.shape[-1] % check_format(q.fmt) == 0 else w
+        edited = {l: rounded[q.fmt, l] for l in done}
         with q.swapped(), applied(model, spec, edited, biases):
             out.append(outputs_at(model, tok, rows, [mod], n, inputs=True)[mod])
     return torch.cat(out)
