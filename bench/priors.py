@@ -1,0 +1,83 @@
+"""How many of a fact file's probes a model answers for an invented subject (issues 25 and 26).
+
+    python bench/priors.py --model DIR --facts FILE [--n 10 --offset 0] [--list]
+
+Each prompt and paraphrase is also asked about an invented subject: the subject's last word
+replaced by ``Zorbin`` ("Aleksandr Ptushko" -> "Aleksandr Zorbin", "Paracelsus" -> "Zorbin").
+Neighbours are counted but not asked (the file does not name their subjects). A probe the model recalls for the real subject *and* for the invented one is a
+*prior*: the answer follows from the rest of the name or from the relation, not from this
+subject, and no edit that forgets this one fact removes it. Prints one JSON document: per probe
+kind, how many the model recalls and how many of those are priors (``--list``: which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+INVENTED = "Zorbin"
+
+
+def invented(subject: str, prompt: str) -> str | None:
+    """``prompt`` about an invented subject: ``subject``'s last word replaced by ``INVENTED``.
+
+    Returns:
+        The new prompt, or None when the prompt does not hold the subject.
+    """
+    if not subject or subject not in prompt:
+        return None
+    return prompt.replace(subject, " ".join(subject.split()[:-1] + [INVENTED]))
+
+
+def probes_of(facts: list[dict]) -> dict[str, list[tuple[str, str, str]]]:
+    """Per kind (prompt, paraphrase, neighbour): (subject, prompt, target) of every probe."""
+    return {"prompt": [(f["subject"], f["prompt"], f["target"]) for f in facts],
+            "paraphrase": [(f["subject"], p, f["target"]) for f in facts for p in f.get("paraphrases", [])],
+            "neighbour": [(f["subject"], n["prompt"], n["target"]) for f in facts for n in f.get("neighbors", [])]}
+
+
+def priors(model, tok, rows: list[tuple[str, str, str]]) -> tuple[list[bool], list[bool]]:
+    """Per (subject, prompt, target): (recalled, recalled for the invented subject as well)."""
+    from zu_cli.probes import probe
+    from zu_cli.verdicts import Criteria
+
+    crit = Criteria()
+    real = [crit.recalled(p) for p in probe(model, tok, [(q, t) for _, q, t in rows])]
+    fake = [(invented(s, q), t) for s, q, t in rows]
+    asked = [i for i, (q, _) in enumerate(fake) if q is not None and real[i]]
+    both = [False] * len(rows)
+    for i, p in zip(asked, probe(model, tok, [fake[i] for i in asked])):
+        both[i] = crit.recalled(p)
+    return real, both
+
+
+def main() -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--facts", required=True)
+    ap.add_argument("--n", type=int, default=10)
+    ap.add_argument("--offset", type=int, default=0)
+    ap.add_argument("--list", action="store_true", help="name the prior probes")
+    a = ap.parse_args()
+    facts = [json.loads(line) for line in open(a.facts)][a.offset:a.offset + a.n]
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype="float32").eval()
+    doc = {"model": a.model, "facts": a.facts, "n": len(facts), "offset": a.offset, "kinds": {}}
+    for kind, rows in probes_of(facts).items():
+        real, both = priors(model, tok, rows)
+        entry = {"probes": len(rows), "recalled": sum(real), "prior": sum(both)}
+        if a.list:
+            entry["priors"] = [f"{q} -> {t} ({invented(s, q)})" for (s, q, t), b in zip(rows, both) if b]
+        doc["kinds"][kind] = entry
+    print(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
