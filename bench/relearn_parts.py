@@ -12,56 +12,52 @@ and biases included): ``below`` the layers under the edited window, ``edited`` t
 layers, ``edited-down`` their down-projections only, ``above`` the layers over it, ``head``
 everything outside the decoder layers (embeddings, final norm, LM head).
 
-With ``--prior`` each probe is also asked about an invented subject (bench/priors.py). A revived probe whose answer the *base* model gives for the invented subject is counted apart:
-the answer follows from the rest of the name or from the relation, which no edit of this fact
-removes. Prints one JSON document.
+With ``--prior`` a revived probe whose answer the *base* model also gives for an invented subject
+(bench/priors.py) is counted apart: the answer follows from the rest of the name or from the
+relation, which no edit of this fact removes. Prints one JSON document.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from priors import invented  # noqa: E402  (bench/ is on sys.path when run as a script)
+from priors import priors  # noqa: E402  (bench/ is on sys.path when run as a script)
 from quant_parts import part_of  # noqa: E402
 
 
+@contextlib.contextmanager
 def mixed(edited, tuned, which):
-    """A context manager: ``edited``'s parameters in ``which`` parts (name -> bool, by module name)
-    replaced by ``tuned``'s, restored on exit."""
-    import contextlib
-
+    """``edited``'s parameters in ``which`` parts (module name -> bool) replaced by ``tuned``'s
+    inside the block, restored on exit."""
     import torch
 
-    @contextlib.contextmanager
-    def ctx():
-        saved = {}
-        tuned_p = dict(tuned.named_parameters())
+    tuned_p = dict(tuned.named_parameters())
+    saved = {}
+    with torch.no_grad():
+        for name, p in edited.named_parameters():
+            if which(name.rsplit(".", 1)[0]):
+                saved[name] = p.detach().clone()
+                p.copy_(tuned_p[name])
+    try:
+        yield
+    finally:
         with torch.no_grad():
             for name, p in edited.named_parameters():
-                if which(name.rsplit(".", 1)[0]):
-                    saved[name] = p.detach().clone()
-                    p.copy_(tuned_p[name])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, p in edited.named_parameters():
-                    if name in saved:
-                        p.copy_(saved[name])
-    return ctx()
+                if name in saved:
+                    p.copy_(saved[name])
 
 
 def main() -> int:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from zu_cli.arch import lookup, parse_layers
-    from zu_cli.attacks import _finetune
+    from zu_cli.attacks import _finetune, relearn_split
     from zu_cli.probes import probe
     from zu_cli.verdicts import Criteria
 
@@ -78,22 +74,16 @@ def main() -> int:
     a = ap.parse_args()
     layers = parse_layers(a.layers)
     facts = [json.loads(line) for line in open(a.facts)]
-    # The split of zu_cli.attacks.relearn.
-    order = torch.randperm(len(facts), generator=torch.Generator().manual_seed(a.seed)).tolist()
-    train = sorted(order[:len(facts) // 2])
-    held = sorted(set(range(len(facts))) - set(train))
-    queries = [(facts[i]["prompt"], facts[i]["target"]) for i in held] + \
-              [(p, facts[i]["target"]) for i in held for p in facts[i].get("paraphrases", [])]
-    subjects = [facts[i]["subject"] for i in held] + [facts[i]["subject"] for i in held for _ in facts[i].get("paraphrases", [])]
+    train, held = relearn_split(len(facts), a.seed)
+    rows = [(facts[i]["subject"], facts[i]["prompt"], facts[i]["target"]) for i in held] + \
+           [(facts[i]["subject"], p, facts[i]["target"]) for i in held for p in facts[i].get("paraphrases", [])]
+    queries = [(q, t) for _, q, t in rows]
     tok = AutoTokenizer.from_pretrained(a.base)
     base = AutoModelForCausalLM.from_pretrained(a.base, dtype="float32").eval()
-    judged = [i for i, p in enumerate(probe(base, tok, queries)) if Criteria().recalled(p)]
-    prior: set[int] = set()
-    if a.prior:  # probes whose answer the base gives for an invented subject of the same name
-        fake = [(invented(s, q), t) for s, (q, t) in zip(subjects, queries)]
-        asked = [i for i in judged if fake[i][0] is not None]
-        prior = {i for i, p in zip(asked, probe(base, tok, [fake[i] for i in asked])) if Criteria().recalled(p)}
+    real, both = priors(base, tok, rows)  # recalled by the base; and for an invented subject too
     del base
+    judged = [i for i, r in enumerate(real) if r]
+    prior = {i for i, b in enumerate(both) if b} if a.prior else set()
     edited = AutoModelForCausalLM.from_pretrained(a.edited, dtype="float32").eval()
     spec = lookup(edited.config)
     data = {"attack": [(facts[i]["prompt"], facts[i]["target"]) for i in train],

@@ -128,6 +128,13 @@ def prompt_wrappers(model, tok, requests: list) -> list[list[tuple[str, Probe]]]
     return _probe_all(model, tok, rows)
 
 
+def relearn_split(n: int, seed: int) -> tuple[list[int], list[int]]:
+    """The relearning attack's seeded split of ``n`` requests: (trained on, held out), each sorted."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    train = sorted(order[:n // 2])
+    return train, sorted(set(range(n)) - set(train))
+
+
 def relearn(model, tok, requests: list, steps: int, lr: float, seed: int) -> tuple[dict, str]:
     """Fine-tune copies on half of the requests (attack) and on their neighbours' facts (control);
     probe the other half on each.
@@ -136,9 +143,7 @@ def relearn(model, tok, requests: list, steps: int, lr: float, seed: int) -> tup
         ({"attack": rows, "control": rows}, a note) where rows hold the held-out half's probes
         (other requests: empty lists); the note says why nothing ran when too few requests.
     """
-    order = torch.randperm(len(requests), generator=torch.Generator().manual_seed(seed)).tolist()
-    train = sorted(order[:len(requests) // 2])
-    held = sorted(set(range(len(requests))) - set(train))
+    train, held = relearn_split(len(requests), seed)
     if not train or not held:
         return {}, "needs at least 2 requests"
     attack_data = [(requests[i].prompt, requests[i].target) for i in train]
