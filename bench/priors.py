@@ -4,9 +4,10 @@
 
 Each prompt and paraphrase is also asked about an invented subject: the subject's last word
 replaced by ``Zorbin`` ("Aleksandr Ptushko" -> "Aleksandr Zorbin", "Paracelsus" -> "Zorbin").
-Neighbours are counted but not asked (the file does not name their subjects). A probe the model recalls for the real subject *and* for the invented one is a
-*prior*: the answer follows from the rest of the name or from the relation, not from this
-subject, and no edit that forgets this one fact removes it. Prints one JSON document: per probe
+Neighbours are counted but not asked (the file does not name their subjects). A probe the model
+recalls for the real subject *and* for the invented one is a *prior*: the answer follows from the
+rest of the name or from the relation, not from this subject, and no edit that forgets this one
+fact removes it. Prints one JSON document: per probe
 kind, how many the model recalls and how many of those are priors (``--list``: which).
 """
 
