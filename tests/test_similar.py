@@ -55,8 +55,8 @@ def test_similar_items_list_after_each_subject_with_the_seeded_sampler(tiny_mode
     model, tok = load_model(ckpt, device_map="cpu", dtype="float32")
     calls = []
 
-    def fake_sample(m, t, seeds, n, gen, **kw):
-        calls.append((list(seeds), n, gen.initial_seed()))
+    def fake_sample(m, t, seeds, n, gens, **kw):
+        calls.append((list(seeds), n, [g.initial_seed() for g in gens]))
         return [similar.encode(t, s) + t(" Ada\n3. Rome\n4. Par", add_special_tokens=False)["input_ids"]
                 for s in seeds]
 
@@ -64,8 +64,60 @@ def test_similar_items_list_after_each_subject_with_the_seeded_sampler(tiny_mode
     reqs = [_req("a", "Zed is a", "Zed"), _req("b", "No subject", None), _req("c", "Yan is a", "Yan")]
     hp = Hyper(similar_samples=2, similar_len=7, seed=5)
     items = similar.similar_items(model, tok, reqs, hp, silent())
-    assert calls == [(["1. Zed\n2.", "1. Zed\n2.", "1. Yan\n2.", "1. Yan\n2."], 7, 5)]
+    seeds = [similar.row_seed(5, s, j) for s in ("Zed", "Yan") for j in (0, 1)]
+    assert calls == [(["1. Zed\n2.", "1. Zed\n2.", "1. Yan\n2.", "1. Yan\n2."], 7, seeds)]
+    assert len(set(seeds)) == 4 and similar.row_seed(6, "Zed", 0) not in seeds
     assert items == [["Ada", "Rome", "Ada", "Rome"]] * 2
+
+
+def test_a_subjects_items_do_not_depend_on_the_requests_listed_with_it(tiny_models):
+    """Each continuation draws from its own seeded generator: listing "Yan" alone, after another
+    subject, or in batches of another size gives the same tokens (what lets the items be cached)."""
+    from zu_cli.similar import LIST_SEED, row_seed
+    from zu_cli.text import sample
+
+    ckpt = open_checkpoint(tiny_models["llama"])
+    model, tok = load_model(ckpt, device_map="cpu", dtype="float32")
+    gen = lambda s, j: torch.Generator().manual_seed(row_seed(5, s, j))
+    alone = sample(model, tok, [LIST_SEED.format(subject="Yan")] * 2, 9, [gen("Yan", 0), gen("Yan", 1)])
+    seeds = [LIST_SEED.format(subject=s) for s in ("Zed", "Zed", "Yan", "Yan")]
+    gens = [gen("Zed", 0), gen("Zed", 1), gen("Yan", 0), gen("Yan", 1)]
+    for batch_size in (4, 3):
+        assert sample(model, tok, seeds, 9, gens, batch_size=batch_size)[2:] == alone
+        gens = [gen("Zed", 0), gen("Zed", 1), gen("Yan", 0), gen("Yan", 1)]
+    assert alone[0] != alone[1]  # two continuations, two generators
+
+
+def test_listed_items_are_cached_per_subject_encrypted(tiny_models, monkeypatch, tmp_path):
+    """A second listing with the same weights reads its known subjects back and samples only the
+    new one; the entries hold neither the subject nor the items as text; a damaged entry, other
+    weights or ``cache_targets: false`` list again."""
+    import zu_cli.similar as similar
+
+    monkeypatch.setenv("ZU_CACHE_DIR", str(tmp_path))
+    ckpt = open_checkpoint(tiny_models["llama"])
+    model, tok = load_model(ckpt, device_map="cpu", dtype="float32")
+    sampled = []
+
+    def fake_sample(m, t, seeds, n, gens, **kw):
+        sampled.extend(seeds)
+        return [similar.encode(t, s) + t(f" Ada{len(sampled)}\n3. Rome\n4.", add_special_tokens=False)["input_ids"]
+                for s in seeds]
+
+    monkeypatch.setattr(similar, "sample", fake_sample)
+    hp = Hyper(similar_samples=1, similar_len=7, seed=5)
+    zed, yan = _req("a", "Zedwick is a", "Zedwick"), _req("c", "Yanthor is a", "Yanthor")
+    first = similar.similar_items(model, tok, [zed], hp, silent(), source="w1")
+    again = similar.similar_items(model, tok, [zed, yan], hp, silent(), source="w1")
+    assert sampled == ["1. Zedwick\n2.", "1. Yanthor\n2."] and again[0] == first[0] == ["Ada1", "Rome"]
+    files = sorted((tmp_path / "similar").iterdir())
+    assert len(files) == 2 and not any(b"Zedwick" in f.read_bytes() or b"Rome" in f.read_bytes() for f in files)
+    similar.similar_items(model, tok, [zed], hp, silent(), source="w2")
+    similar.similar_items(model, tok, [zed], dataclasses.replace(hp, cache_targets=False), silent(), source="w1")
+    assert len(sampled) == 4 and len(list((tmp_path / "similar").iterdir())) == 3
+    name, _ = similar.item_entry("w1", "Zedwick", hp)
+    (tmp_path / "similar" / f"{name}.safetensors").write_bytes(b"damaged")
+    assert similar.similar_items(model, tok, [zed], hp, silent(), source="w1") == [["Ada5", "Rome"]]
 
 
 def test_solve_moments_adds_the_similar_set_where_the_variant_uses_it(tiny_models, monkeypatch, tmp_path):

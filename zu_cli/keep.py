@@ -237,8 +237,8 @@ def swap_moments(model, tok, spec, layers, biases, hp: Hyper, requests: list, so
 
 
 def solve_moments(model, tok, spec, layers, biases, hp: Hyper, corpus, source: str, keep: list[str],
-                  out: Output, keys: bool = False, closed: bool = True, requests: list = ()
-                  ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], str]:
+                  out: Output, keys: bool = False, closed: bool = True, requests: list = (),
+                  weights: str | None = None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], str]:
     """The statistics the solve uses, per layer: general + entity + subject-swap + keep-prompts.
 
     G ← G + ``entity_weight`` G_ent + ``swap_weight`` G_swap + ``similar_weight`` G_sim +
@@ -253,6 +253,8 @@ def solve_moments(model, tok, spec, layers, biases, hp: Hyper, corpus, source: s
         keys: E[k k^T] is wanted (--multi).
         closed: G is used by a closed-form solve (so ``entity_weight`` and ``swap_weight`` apply).
         requests: the forget requests (for the subject-swap keep-set).
+        weights: fingerprint of the weights loaded, under which the similar-entity listing is
+            cached; default ``source`` (they differ when a chain's round reads the base's statistics).
 
     Returns:
         (layer -> G, layer -> E[k k^T] or empty, digest naming the general corpus).
@@ -267,7 +269,8 @@ def solve_moments(model, tok, spec, layers, biases, hp: Hyper, corpus, source: s
     g_ent, kk_ent = (entity_moments(*args, source, out, keys=ent_kw > 0) if ent_w or ent_kw else ({}, {}))
     g_swap, kk_swap = (swap_moments(*args, list(requests), source, out, keys=swap_kw > 0)
                        if (swap_w or swap_kw) and requests else ({}, {}))
-    g_sim, kk_sim = (similar_moments(*args, list(requests), out, keys=sim_kw > 0)
+    g_sim, kk_sim = (similar_moments(*args, list(requests), out, keys=sim_kw > 0,
+                                     source=weights or source)
                      if (sim_w or sim_kw) and requests else ({}, {}))
     g_keep, kk_keep = keep_moments(model, tok, spec, layers, biases, keep, out, keys=keys)
     for extra, w, kextra, kw in ((g_ent, ent_w, kk_ent, ent_kw), (g_swap, swap_w, kk_swap, swap_kw),

@@ -172,7 +172,8 @@ def run_unlearn(opts: UnlearnOptions, hp: Hyper, out: Output) -> UnlearnResult:
 
     t0 = time.perf_counter()
     g, kk, corpus_digest = solve_moments(model, tok, spec, layers, biases, hp, opts.stats_corpus, source, keep, out,
-                                         keys=opts.multi, closed=not opts.multi, requests=requests)
+                                         keys=opts.multi, closed=not opts.multi, requests=requests,
+                                         weights=fingerprint)
     t["statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

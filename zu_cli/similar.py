@@ -10,6 +10,9 @@ writes exactly such subjects; kept at their own outputs, they hold those directi
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 
 import torch
@@ -17,12 +20,14 @@ import torch
 from .config import Hyper
 from .console import Output
 from .keep import keep_moments
+from .stats import read_entry, write_entry
 from .text import encode, sample, sample_steps
 
 LIST_SEED = "1. {subject}\n2."
 ITEM = re.compile(r"\s*(?:\d+[.)]\s*)?(.*?)\s*")  # one list line, its number dropped
 NAME = re.compile(r"[\w .,'&()+-]{3,40}")  # what a list item must look like to be used as a subject
 WORD = re.compile(r"[^\W\d_]{3,}")
+ITEMS_VERSION = "similar-items-v1"  # bump when what a cached entry holds changes
 
 
 def list_items(text: str) -> list[str]:
@@ -77,30 +82,93 @@ def similar_prompts(requests: list, items: list[list[str]], per_request: int) ->
     return [p for p in dict.fromkeys(prompts) if p not in gone]
 
 
-def similar_items(model, tok, requests: list, hp: Hyper, out: Output) -> list[list[str]]:
+def similar_items(model, tok, requests: list, hp: Hyper, out: Output, source: str | None = None) -> list[list[str]]:
     """What the model lists after each subject: ``similar_samples`` continuations of ``LIST_SEED``
-    of ``similar_len`` tokens (top-k sampling seeded with ``seed``).
+    of ``similar_len`` tokens, top-k sampled.
+
+    Each continuation draws from its own generator, seeded by ``seed``, the subject and its number
+    (``row_seed``), so a subject's items do not depend on the requests listed with it, and with
+    ``source`` they are cached per subject (``cache_targets``): a rebased round lists only the
+    subjects it has not listed before (docs/results.md, "Requests over time").
+
+    Args:
+        model, tok: the unedited model and its tokenizer.
+        requests: the forget requests (those without a subject are skipped).
+        hp: ``similar_samples``, ``similar_len``, ``seed``, ``cache_targets``.
+        out: progress output.
+        source: the weights' fingerprint, the cache's key; None: nothing is cached.
 
     Returns:
         Per request with a subject, in order, the list items of its continuations.
     """
     subjects = [r.subject for r in requests if r.subject]
-    seeds = [LIST_SEED.format(subject=s) for s in subjects for _ in range(hp.similar_samples)]
-    gen = torch.Generator().manual_seed(hp.seed)
-    with out.progress("listing similar entities", sample_steps(len(seeds), hp.similar_len)) as adv:
-        seqs = sample(model, tok, seeds, hp.similar_len, gen, advance=adv)
-    texts = [tok.decode(s[len(encode(tok, seed)):], skip_special_tokens=True) for s, seed in zip(seqs, seeds)]
+    entries = {s: item_entry(source, s, hp) for s in subjects} if source and hp.cache_targets else {}
+    found = {s: items for s, e in entries.items() if (items := load_items(*e)) is not None}
+    todo = [s for s in dict.fromkeys(subjects) if s not in found]
+    if found:
+        out.info(f"similar entities: {len(subjects) - len(todo)} of {len(subjects)} subjects from the cache")
     k = hp.similar_samples
-    return [[it for t in texts[i * k:(i + 1) * k] for it in list_items(t)] for i in range(len(subjects))]
+    seeds = [LIST_SEED.format(subject=s) for s in todo for _ in range(k)]
+    gens = [torch.Generator().manual_seed(row_seed(hp.seed, s, j)) for s in todo for j in range(k)]
+    with out.progress("listing similar entities", sample_steps(len(seeds), hp.similar_len)) as adv:
+        seqs = sample(model, tok, seeds, hp.similar_len, gens, advance=adv) if seeds else []
+    texts = [tok.decode(s[len(encode(tok, seed)):], skip_special_tokens=True) for s, seed in zip(seqs, seeds)]
+    for i, s in enumerate(todo):
+        found[s] = [it for t in texts[i * k:(i + 1) * k] for it in list_items(t)]
+        if s in entries:
+            store_items(*entries[s], found[s])
+    return [found[s] for s in subjects]
+
+
+def row_seed(seed: int, subject: str, j: int) -> int:
+    """The seed of a subject's ``j``-th continuation: 63 bits of a digest of the three."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{subject}\0{j}".encode()).digest()[:8], "big") >> 1
+
+
+def item_entry(source: str, subject: str, hp: Hyper) -> tuple[str, bytes]:
+    """A subject's cache entry: (its name, the key its items are encrypted with).
+
+    Both are digests of the weights' fingerprint, the subject and the listing's settings, under
+    different labels: the cache holds no readable text, and only someone who already knows the
+    subject can find or read its entry.
+    """
+    what = json.dumps([ITEMS_VERSION, source, subject, LIST_SEED, hp.similar_samples, hp.similar_len, hp.seed])
+    name = hashlib.sha256(f"name\0{what}".encode()).hexdigest()[:40]
+    return name, hashlib.sha256(f"key\0{what}".encode()).digest()
+
+
+def load_items(name: str, key: bytes) -> list[str] | None:
+    """A subject's cached items, or None if absent, damaged or not decryptable (then they are listed again)."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    entry = read_entry("similar", name)
+    try:
+        blob = bytes(entry["items"].tolist())
+        return json.loads(AESGCM(key).decrypt(blob[:12], blob[12:], None))
+    except (TypeError, KeyError, ValueError, InvalidTag):
+        return None
+
+
+def store_items(name: str, key: bytes, items: list[str]) -> None:
+    """Write a subject's items, AES-GCM encrypted with ``key``, atomically."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = os.urandom(12)
+    blob = nonce + AESGCM(key).encrypt(nonce, json.dumps(items).encode(), None)
+    write_entry("similar", name, {"items": torch.tensor(list(blob), dtype=torch.uint8)})
 
 
 def similar_moments(model, tok, spec, layers, biases, hp: Hyper, requests: list, out: Output,
-                    keys: bool = False) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+                    keys: bool = False, source: str | None = None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """G (and E[k k^T] when ``keys``) over the similar-entity prompts (``similar_prompts``).
 
+    Args:
+        source: the weights' fingerprint; the listed items are cached under it (``similar_items``).
+
     Returns:
-        (layer -> G, layer -> E[k k^T] or empty), both empty when no prompt can be built. Not
-        cached: the prompts depend on the requests.
+        (layer -> G, layer -> E[k k^T] or empty), both empty when no prompt can be built. The
+        moments are not cached: the prompts depend on every request.
     """
-    prompts = similar_prompts(requests, similar_items(model, tok, requests, hp, out), hp.similar_names)
+    prompts = similar_prompts(requests, similar_items(model, tok, requests, hp, out, source), hp.similar_names)
     return keep_moments(model, tok, spec, layers, biases, prompts, out, keys=keys, label="similar-entity statistics")

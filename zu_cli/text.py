@@ -89,8 +89,9 @@ def cache_kwarg(model: torch.nn.Module) -> str:
 
 
 @torch.no_grad()
-def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int, generator: torch.Generator,
-           top_k: int = 5, batch_size: int = 64, advance=None, on_forward=None) -> list[list[int]]:
+def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int,
+           generator: torch.Generator | list[torch.Generator], top_k: int = 5, batch_size: int = 64, advance=None,
+           on_forward=None) -> list[list[int]]:
     """Sample continuations of ``seeds`` with top-k sampling, deterministic for a given generator.
 
     Args:
@@ -98,7 +99,8 @@ def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int, generat
         tok: its tokenizer.
         seeds: one prompt per sample.
         n_tokens: tokens to generate per sample.
-        generator: CPU generator (seeded by the caller).
+        generator: CPU generator (seeded by the caller), or one per seed: then each row draws from
+            its own, and what a seed continues with does not depend on the seeds batched with it.
         top_k: sample among the k most likely tokens.
         batch_size: samples generated together. The KV cache grows with it: the statistics'
             200 samples of 64 tokens in one batch took a cold run on SmolLM2-135M fp32 to a
@@ -112,8 +114,9 @@ def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int, generat
         For each seed, its prompt ids followed by the generated ids.
     """
     if len(seeds) > batch_size:
+        rows = (lambda b: generator[b:b + batch_size]) if isinstance(generator, list) else (lambda b: generator)
         return [s for b in range(0, len(seeds), batch_size)
-                for s in sample(model, tok, seeds[b:b + batch_size], n_tokens, generator, top_k, batch_size, advance,
+                for s in sample(model, tok, seeds[b:b + batch_size], n_tokens, rows(b), top_k, batch_size, advance,
                                 on_forward)]
     dev = input_device(model)
     enc = [encode(tok, s) for s in seeds]
@@ -127,7 +130,7 @@ def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int, generat
     for step in range(n_tokens):
         logits = out.logits[:, -1].float().cpu()  # (B, vocab)
         top = logits.topk(top_k, dim=-1)
-        pick = torch.multinomial(top.values.softmax(-1), 1, generator=generator)  # (B, 1)
+        pick = _draw(top.values.softmax(-1), generator)  # (B, 1)
         nxt = top.indices.gather(-1, pick)
         new.append(nxt)
         if advance is not None:
@@ -143,6 +146,13 @@ def sample(model: torch.nn.Module, tok, seeds: list[str], n_tokens: int, generat
             on_forward(torch.ones_like(nxt, dtype=torch.bool))
     gen = torch.cat(new, dim=1).tolist()
     return [e + g for e, g in zip(enc, gen)]
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+    """One index per row of ``probs`` (B, k), from one generator or from each row's own: (B, 1)."""
+    if not isinstance(generator, list):
+        return torch.multinomial(probs, 1, generator=generator)
+    return torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
 
 
 def sample_steps(n_seeds: int, n_tokens: int, batch_size: int = 64) -> int:
