@@ -111,7 +111,9 @@ def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs: bool 
     """Each module's output (or input) at the lookup token, averaged per request over its rows.
 
     Rows are run ``chunk`` at a time: a pass's transient activations grow with its rows (60
-    rows of SmolLM2 took 100 MB more), and only the lookup token's vector is kept. ``replay``
+    rows of SmolLM2 took 100 MB more), and only the lookup token's vector is kept. Each row is cut
+    after its lookup token: in a causal model the tokens after it cannot change it, and a
+    prompt's words after the subject were a quarter of the tokens these passes ran. ``replay``
     (a ``hooks.LayerReplay`` already ``at`` this pass) skips the layers an earlier pass over the
     same rows recorded.
 
@@ -120,7 +122,8 @@ def outputs_at(model, tok, rows: Rows, modules: list[str], n: int, inputs: bool 
     """
     picked: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
     for b in range(0, len(rows.seqs), chunk):
-        batch = left_pad(rows.seqs[b:b + chunk], tok.pad_token_id, input_device(model))
+        seqs = [s[:at + 1] for s, at in zip(rows.seqs[b:b + chunk], rows.lookup[b:b + chunk])]
+        batch = left_pad(seqs, tok.pad_token_id, input_device(model))
         look = torch.tensor(rows.lookup[b:b + chunk]) + batch.offset.cpu()
         with replay.chunk(b // chunk) if replay else contextlib.nullcontext(), \
                 TraceDict(model, modules, retain_input=inputs, retain_output=not inputs, stop=True) as td:
