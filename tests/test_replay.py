@@ -70,3 +70,30 @@ def _solves_unedited_keys(model, tok, spec) -> torch.Tensor:
     rows = build_rows(tok, reqs, ["{}", "Once upon a time. {}"])
     mod = spec.down_proj_module(2)
     return outputs_at(model, tok, rows, [mod], len(reqs), inputs=True)[mod]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_cut_at_the_lookup_token_read_what_the_whole_row_reads(tiny_models, family):
+    """``edit.outputs_at`` runs each row only up to its lookup token: on every family the key and
+    the output read there equal those of a pass over the whole row (the words after the subject
+    cannot change them in a causal model), and the cut is real (the rows are longer)."""
+    from zu_cli.edit import build_rows, outputs_at
+    from zu_cli.text import as_tokens, left_pad
+
+    ckpt = open_checkpoint(tiny_models[family])
+    model, tok = load_model(ckpt, device_map="cpu", dtype="float32")
+    reqs = [Request(id=str(i), prompt=p, subject=s, target=t) for i, (p, s, t) in enumerate(REQUESTS)]
+    rows = build_rows(tok, reqs, ["{}", "Once upon a time. {}"])
+    assert any(at < len(s) - 1 for s, at in zip(rows.seqs, rows.lookup))
+    mod = ckpt.spec.down_proj_module(1)
+    cut = {inputs: outputs_at(model, tok, rows, [mod], len(reqs), inputs=inputs)[mod] for inputs in (True, False)}
+    for inputs in (True, False):
+        picked = []
+        for seq, at in zip(rows.seqs, rows.lookup):  # one whole row per pass, no padding
+            batch = left_pad([seq], tok.pad_token_id, torch.device("cpu"))
+            with hooks.TraceDict(model, [mod], retain_input=inputs, retain_output=not inputs) as td:
+                model(**batch.kwargs())
+            x = td[mod].input if inputs else td[mod].output
+            picked.append(as_tokens(x, 1, len(seq))[0, at].double())
+        whole = torch.stack(picked).view(len(reqs), 2, -1).mean(1)  # rows are request-major
+        torch.testing.assert_close(cut[inputs], whole, rtol=1e-4, atol=1e-5)
