@@ -106,7 +106,7 @@ def similar_items(model, tok, requests: list, hp: Hyper, out: Output, source: st
     found = {s: items for s, e in entries.items() if (items := load_items(*e)) is not None}
     todo = [s for s in dict.fromkeys(subjects) if s not in found]
     if found:
-        out.info(f"similar entities: {len(subjects) - len(todo)} of {len(subjects)} subjects from the cache")
+        out.info(f"similar entities: {len(found)} of {len(found) + len(todo)} subjects from the cache")
     k = hp.similar_samples
     seeds = [LIST_SEED.format(subject=s) for s in todo for _ in range(k)]
     gens = [torch.Generator().manual_seed(row_seed(hp.seed, s, j)) for s in todo for j in range(k)]
@@ -159,8 +159,8 @@ def store_items(name: str, key: bytes, items: list[str]) -> None:
     write_entry("similar", name, {"items": torch.tensor(list(blob), dtype=torch.uint8)})
 
 
-def similar_moments(model, tok, spec, layers, biases, hp: Hyper, requests: list, out: Output,
-                    keys: bool = False, source: str | None = None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+def similar_moments(model, tok, spec, layers, biases, hp: Hyper, requests: list, out: Output, keys: bool = False,
+                    source: str | None = None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """G (and E[k k^T] when ``keys``) over the similar-entity prompts (``similar_prompts``).
 
     Args:
