@@ -101,9 +101,12 @@ def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] not in ("first-keys", "upper-noise"):
         sys.stderr.write(__doc__)
         return 2
-    first_keys() if sys.argv[1] == "first-keys" else upper_noise(float(os.environ.get("SIGMA", "0.2")))
+    if sys.argv[1] == "first-keys":
+        first_keys()
+    else:
+        upper_noise(float(os.environ.get("SIGMA", "0.2")))
     sys.argv = ["quality.py", *sys.argv[2:]]
-    runpy.run_path(str(ROOT / "bench" / "quality.py"), run_name="__main__")
+    runpy.run_path(str(ROOT / "bench" / "quality.py"), run_name="__main__")  # exits with quality.py's code
     return 0
 
 

@@ -81,10 +81,9 @@ def test_a_subjects_items_do_not_depend_on_the_requests_listed_with_it(tiny_mode
     gen = lambda s, j: torch.Generator().manual_seed(row_seed(5, s, j))
     alone = sample(model, tok, [LIST_SEED.format(subject="Yan")] * 2, 9, [gen("Yan", 0), gen("Yan", 1)])
     seeds = [LIST_SEED.format(subject=s) for s in ("Zed", "Zed", "Yan", "Yan")]
-    gens = [gen("Zed", 0), gen("Zed", 1), gen("Yan", 0), gen("Yan", 1)]
-    for batch_size in (4, 3):
+    for batch_size in (4, 3):  # fresh generators per run: sampling advances them
+        gens = [gen(s, j) for s in ("Zed", "Yan") for j in (0, 1)]
         assert sample(model, tok, seeds, 9, gens, batch_size=batch_size)[2:] == alone
-        gens = [gen("Zed", 0), gen("Zed", 1), gen("Yan", 0), gen("Yan", 1)]
     assert alone[0] != alone[1]  # two continuations, two generators
 
 
