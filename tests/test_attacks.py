@@ -97,6 +97,56 @@ def test_quant_round_trip_restores_the_weights(tiny_models, family):
     assert any(".0." in k and "mlp" in k for k in changed)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # torch Linear; GPT-2's Conv1D, weight (in, out)
+def test_bnb_round_trip_is_what_transformers_loads(tiny_models, family):
+    """Each bitsandbytes format quantises the modules transformers' BitsAndBytesConfig loader does,
+    to the same values, bit for bit."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from zu_cli.quantise import Quantised
+
+    path = tiny_models[family]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    configs = {"bnb-nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+               "bnb-fp4": BitsAndBytesConfig(load_in_4bit=True), "bnb-int8": BitsAndBytesConfig(load_in_8bit=True)}
+    for fmt, cfg in configs.items():
+        loaded = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu",
+                                                      dtype=torch.float32)
+        theirs = {n: m for n, m in loaded.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+        q = Quantised(model, fmt)
+        ours = {n: w for (n, m) in model.named_modules() for mm, w in zip(q.modules, q.weights) if m is mm}
+        assert set(ours) == set(theirs) and len(ours) >= 3 * 4, (fmt, set(ours) ^ set(theirs))
+        for name, w in ours.items():
+            m = theirs[name]
+            back = (bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state) if fmt != "bnb-int8"
+                    else bnbf.int8_vectorwise_dequant(m.weight.data, m.weight.SCB))
+            if family == "gpt2":  # transformers quantises the Conv1D weight as (out, in)
+                back = back.T
+            assert torch.equal(back.float(), w), (fmt, name)
+        assert not torch.equal(q.weights[0], q.modules[0].weight.data)
+
+
+def test_bnb_formats_without_bitsandbytes(monkeypatch):
+    """Where bitsandbytes is not installed the default formats leave its formats out and say so;
+    a bnb format asked for by name is refused with exit 2."""
+    from zu_cli import attacks, quantise
+    from zu_cli.errors import UsageError
+
+    monkeypatch.setattr(quantise, "bnb_available", lambda: False)
+    monkeypatch.setattr(attacks, "bnb_available", lambda: False)
+    formats, note = attacks.resolve_formats(None)
+    assert formats == ("Q8_0", "Q5_0", "Q4_0") and "bnb-int8, bnb-nf4 not run" in note
+    assert attacks.resolve_formats(("Q4_0", "bnb-nf4")) == (("Q4_0", "bnb-nf4"), "")
+    with pytest.raises(UsageError, match="needs bitsandbytes") as err:
+        quantise.check_format("bnb-nf4")
+    assert err.value.exit_code == 2
+    with pytest.raises(UsageError, match="no K-quant quantiser"):
+        quantise.check_format("Q4_K")
+
+
 def test_unlearn_audit_runs_the_attacks_on_what_it_wrote(fact_model_dir, fact_config, edited_facts, tmp_path):
     res = runner.invoke(app, ["unlearn", "--model", str(fact_model_dir), "--forget", str(edited_facts / "forget.jsonl"),
                               "--out", str(tmp_path / "out"), "--device-map", "cpu", "--config", str(fact_config),
@@ -104,7 +154,7 @@ def test_unlearn_audit_runs_the_attacks_on_what_it_wrote(fact_model_dir, fact_co
     doc = json.loads(res.stdout)
     assert doc["counts"]["forgotten"] == 3 and (tmp_path / "out" / "zu-manifest.json").is_file()
     attacks = {a["attack"]: a for a in doc["audit"]["attacks"]["summary"]}
-    assert set(attacks) == {"quant-Q8_0", "quant-Q5_0", "quant-Q4_0", "prompt"}
+    assert set(attacks) == {"quant-Q8_0", "quant-Q5_0", "quant-Q4_0", "quant-bnb-int8", "quant-bnb-nf4", "prompt"}
     assert all(a["probed"] == 3 for k, a in attacks.items() if k.startswith("quant")), attacks
     assert res.exit_code == doc["audit"]["exit_code"]
     res = runner.invoke(app, ["unlearn", "--model", str(fact_model_dir), "--forget", str(edited_facts / "forget.jsonl"),

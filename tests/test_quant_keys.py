@@ -42,8 +42,9 @@ def _edit(model, tok, spec, reqs, weights, z, solver, quant_keys: str, layers=LA
                        solver, silent())
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])  # torch Linear; GPT-2's Conv1D, weight (in, out)
-def test_the_solver_gets_the_quantised_copys_keys_with_the_same_residual(tiny_models, family):
+# torch Linear and GPT-2's Conv1D (weight (in, out)); a GGUF format and bitsandbytes' 4- and 8-bit
+@pytest.mark.parametrize("family,fmt", [("llama", "Q4_0"), ("gpt2", "Q4_0"), ("llama", "bnb-nf4"), ("gpt2", "bnb-int8")])
+def test_the_solver_gets_the_quantised_copys_keys_with_the_same_residual(tiny_models, family, fmt):
     model, tok, spec, reqs, weights = _setup(tiny_models, family)
     z = torch.randn(len(reqs), weights[1].shape[0], generator=torch.Generator().manual_seed(0))
     seen = []
@@ -52,13 +53,13 @@ def test_the_solver_gets_the_quantised_copys_keys_with_the_same_residual(tiny_mo
         seen.append((k, t, w))
         return w * 1.5, {}
 
-    _edit(model, tok, spec, reqs, weights, z, scale, "Q4_0")
+    _edit(model, tok, spec, reqs, weights, z, scale, fmt)
     n = len(reqs)
     k, t, w = seen[0]  # layer 1: nothing edited below it yet
     assert k.shape[0] == t.shape[1] == 2 * n
     rows = build_rows(tok, reqs, TEMPLATES)
     mod = spec.down_proj_module(1)
-    with quantised_below(model, spec, LAYERS[-1], "Q4_0")[0].swapped():
+    with quantised_below(model, spec, LAYERS[-1], fmt)[0].swapped():
         kq = outputs_at(model, tok, rows, [mod], n, inputs=True)[mod]
     kfp = outputs_at(model, tok, rows, [mod], n, inputs=True)[mod]
     torch.testing.assert_close(k[:n], kfp)
@@ -69,8 +70,8 @@ def test_the_solver_gets_the_quantised_copys_keys_with_the_same_residual(tiny_mo
     # layer 2's quantised keys run through layer 1's edit, itself round-tripped
     k2 = seen[1][0]
     mod2 = spec.down_proj_module(2)
-    edited = {1: roundtrip(weights[1].double() * 1.5, "Q4_0").float()}
-    with quantised_below(model, spec, LAYERS[-1], "Q4_0")[0].swapped(), applied(model, spec, edited, {1: None}):
+    edited = {1: roundtrip(weights[1].double() * 1.5, fmt).float()}
+    with quantised_below(model, spec, LAYERS[-1], fmt)[0].swapped(), applied(model, spec, edited, {1: None}):
         kq2 = outputs_at(model, tok, rows, [mod2], n, inputs=True)[mod2]
     torch.testing.assert_close(k2[n:], kq2, rtol=1e-4, atol=1e-5)
 
@@ -108,8 +109,8 @@ def test_an_edit_solved_with_quantised_keys_holds_better_on_the_quantised_model(
     assert miss_robust < 0.5 * miss_plain, (miss_robust, miss_plain)
 
 
-def test_quant_keys_accepts_gguf_formats_only(tmp_path):
-    assert load_config(None, quant_keys="Q4_0,Q8_0").quant_keys == "Q4_0,Q8_0"
+def test_quant_keys_accepts_known_formats_only(tmp_path):
+    assert load_config(None, quant_keys="Q4_0,Q8_0,bnb-nf4").quant_keys == "Q4_0,Q8_0,bnb-nf4"
     cfg = tmp_path / "c.yaml"
     cfg.write_text('quant_keys: "Q4_0,Q4_K"\n')
     with pytest.raises(InputFileError, match=r"c\.yaml: field 'quant_keys' .*'Q4_K'") as exc:

@@ -1,9 +1,9 @@
 """Does the forgetting last? ``zu verify --attack``: cheap operations that bring "unlearned"
 knowledge back in published studies, each run on the loaded model and probed (issue 26).
 
-- ``quant``: every linear weight round-tripped through a GGUF format (the ``gguf`` library's
-  quantisers: Q8_0, Q5_0, Q5_1, Q4_0, Q4_1; it has none for the K-quants) and the prompts and
-  paraphrases probed;
+- ``quant``: every linear weight round-tripped through a format (``quantise.FORMATS``: GGUF with
+  the ``gguf`` library's quantisers, which have none for the K-quants; bitsandbytes' int8, NF4 and
+  FP4 as transformers loads them) and the prompts and paraphrases probed;
 - ``relearn``: a copy fine-tuned on half of the requests (AdamW, fixed budget), the other half
   probed; the same budget spent on the neighbours' facts is the control;
 - ``prompt``: the prompts inside common wrappers (chat template, "Answer truthfully:", a
@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .probes import Probe, lens_ranks, probe
-from .quantise import Quantised
+from .quantise import BNB_FORMATS, Quantised, bnb_available
 
 ATTACKS = ("quant", "relearn", "prompt", "lens")
-QUANT_FORMATS = ("Q8_0", "Q5_0", "Q4_0")
+# The GGUF formats most files use, and transformers' load_in_8bit and load_in_4bit (NF4).
+QUANT_FORMATS = ("Q8_0", "Q5_0", "Q4_0", "bnb-int8", "bnb-nf4")
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,13 @@ class AttackSettings:
     """Budgets and formats (docs/verify.md, "Attacks").
 
     Attributes:
-        quant_formats: GGUF formats to round-trip through.
+        quant_formats: formats to round-trip through (``quantise.FORMATS``); None: ``QUANT_FORMATS``,
+            less the bitsandbytes ones where it is not installed (``resolve_formats``).
         relearn_steps, relearn_lr: the fine-tuning budget (full-batch AdamW steps, learning rate).
         seed: for the relearning split and optimiser.
     """
 
-    quant_formats: tuple[str, ...] = QUANT_FORMATS
+    quant_formats: tuple[str, ...] | None = None
     relearn_steps: int = 30
     relearn_lr: float = 5e-5
     seed: int = 0
@@ -50,6 +52,21 @@ class AttackMeasure:
 
     probes: dict[str, list[list[tuple[str, Probe]]]] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_formats(asked: tuple[str, ...] | None) -> tuple[tuple[str, ...], str]:
+    """The formats ``--attack quant`` runs, and a note when a default one is left out.
+
+    Formats the user names are run or refused (``quantise.check_format``); the defaults leave the
+    bitsandbytes formats out, and say so, where bitsandbytes is not installed.
+    """
+    if asked is not None:
+        return asked, ""
+    if bnb_available():
+        return QUANT_FORMATS, ""
+    left = [f for f in QUANT_FORMATS if f in BNB_FORMATS]
+    return (tuple(f for f in QUANT_FORMATS if f not in BNB_FORMATS),
+            f"{', '.join(left)} not run: bitsandbytes is not installed (pip install bitsandbytes)")
 
 
 def parse_attacks(text: str | None) -> list[str]:
@@ -89,10 +106,11 @@ def quant(model, tok, requests: list, formats: tuple[str, ...]) -> dict[str, lis
     """Per format: the prompts and paraphrases probed on the model with every linear weight round-tripped.
 
     The weights are restored afterwards (one format's quantised copies are held at a time).
-    Embeddings stay as they are (GGUF files usually keep them at higher precision too).
+    Embeddings stay as they are (GGUF files usually keep them at higher precision too), and so
+    does the output head under bitsandbytes, as transformers loads it.
 
     Raises:
-        UsageError: a format the gguf library cannot quantise (exit 2).
+        UsageError: a format zu cannot quantise, or whose library is missing (exit 2).
     """
     out = {}
     for fmt in formats:
@@ -205,7 +223,10 @@ def run(model, tok, spec, requests: list, attacks: list[str], settings: AttackSe
     """
     m = AttackMeasure()
     if "quant" in attacks:
-        for fmt, rows in quant(model, tok, requests, settings.quant_formats).items():
+        formats, note = resolve_formats(settings.quant_formats)
+        if note:
+            m.notes["quant"] = note
+        for fmt, rows in quant(model, tok, requests, formats).items():
             m.probes[f"quant-{fmt}"] = rows
     if "prompt" in attacks:
         m.probes["prompt"] = prompt_wrappers(model, tok, requests)

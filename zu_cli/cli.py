@@ -213,7 +213,9 @@ def verify(
                                          "whether the forgetting lasts: each attack probes the requests again "
                                          "(docs/verify.md, 'Attacks')."),
     quant_formats: Optional[str] = typer.Option(None, "--quant-formats", metavar="Q8_0,Q5_0,...",
-                                                help="GGUF formats for --attack quant (default: Q8_0,Q5_0,Q4_0)."),
+                                                help="Formats for --attack quant: GGUF Q8_0, Q5_0, Q5_1, Q4_0, "
+                                                "Q4_1; bitsandbytes bnb-int8, bnb-nf4, bnb-fp4 (default: "
+                                                "Q8_0,Q5_0,Q4_0,bnb-int8,bnb-nf4)."),
     relearn_steps: int = typer.Option(30, "--relearn-steps", min=1, help="--attack relearn: AdamW steps."),
     relearn_lr: float = typer.Option(5e-5, "--relearn-lr", min=0.0, help="--attack relearn: learning rate."),
     max_rank: int = typer.Option(0, "--max-rank", min=0, help="A forgotten target still counts as recalled when its "
@@ -237,15 +239,15 @@ def verify(
     """Check the signed manifest (signature, pinned signer, every file, the edited tensors), then probe
     every request, paraphrase, neighbour and retained fact. Exit 0 when all pass, 1 when a probe
     fails, 4 on an integrity failure, 6 when the JUnit report cannot be written."""
-    from .attacks import QUANT_FORMATS, AttackSettings, parse_attacks
+    from .attacks import AttackSettings, parse_attacks
     from .pipeline_verify import VerifyOptions, run_verify
     from .render_verify import render_integrity, render_verify, write_junit
     from .verdicts import Criteria
 
     output = Output(json_mode=json_out, reveal=reveal)
     attacks = parse_attacks(attack)
-    formats = [f.strip() for f in quant_formats.split(",") if f.strip()] if quant_formats else QUANT_FORMATS
-    settings = AttackSettings(quant_formats=tuple(formats),
+    formats = tuple(f.strip() for f in quant_formats.split(",") if f.strip()) if quant_formats else None
+    settings = AttackSettings(quant_formats=formats or None,
                               relearn_steps=relearn_steps, relearn_lr=relearn_lr)
     crit = Criteria(max_rank=max_rank, max_prob=max_prob, max_ppl_ratio=max_ppl_ratio, deep_k=deep_k)
     opts = VerifyOptions(model=model, forget=forget, public_key=public_key, require_key=require_key,

@@ -66,8 +66,8 @@ class Hyper:
     E||dW k||^2 over general keys (zu's soft null space; 0 is the reference's loss).
     Guards: ``max_rel_change`` bounds ||dW||/||W|| per layer, ``max_cond`` the condition number.
     ``rounding``: how an edited tensor is cast back to a low-precision checkpoint dtype.
-    ``quant_keys``: GGUF formats (comma-separated, e.g. ``Q4_0,Q5_0``) whose round trip of the
-    weights below and in the edited layers gives each forget prompt more keys, solved for the same
+    ``quant_keys``: formats (comma-separated, e.g. ``Q4_0,bnb-nf4``; ``quantise.FORMATS``) whose
+    round trip of the weights below and in the edited layers gives each forget prompt more keys, solved for the same
     edit, so that the forgetting holds on the checkpoint quantised that way (empty: off).
     ``explicit`` (not a hyperparameter): the fields the user set (``--config``, CLI flags), which
     calibrated values never replace (``with_settings``).
@@ -200,11 +200,11 @@ def load_config(path: Path | None, **overrides: Any) -> Hyper:
         if key in values and values[key] not in allowed:
             raise InputFileError(f"{path or 'config'}: field {key!r} must be one of {', '.join(allowed)}")
     if values.get("quant_keys"):
-        from .quantise import GGUF_FORMATS
-        bad = [f for f in values["quant_keys"].split(",") if f.strip() not in GGUF_FORMATS]
+        from .quantise import FORMATS
+        bad = [f for f in values["quant_keys"].split(",") if f.strip() not in FORMATS]
         if bad:
-            raise InputFileError(f"{path or 'config'}: field 'quant_keys' must list GGUF formats from "
-                                 f"{', '.join(GGUF_FORMATS)}, got {bad[0].strip()!r}")
+            raise InputFileError(f"{path or 'config'}: field 'quant_keys' must list formats from "
+                                 f"{', '.join(FORMATS)}, got {bad[0].strip()!r}")
     for key, ok, what in (("batch_requests", lambda v: v >= 0, ">= 0 (0: by activation_budget)"),
                           ("activation_budget", lambda v: v > 0, "> 0"), ("retain_weight", lambda v: v >= 0, ">= 0"),
                           ("entity_weight", lambda v: v >= 0, ">= 0"), ("multi_entity_weight", lambda v: v >= 0, ">= 0"),

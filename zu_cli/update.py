@@ -220,7 +220,7 @@ def edit_layers(model, tok, spec: ArchSpec, requests: list[Request], layers: lis
 
 def quantised_below(model, spec: ArchSpec, top: int, formats: str) -> list[Quantised]:
     """Quantised copies (``quantise.Quantised``) of every linear weight in decoder layers 0..``top``,
-    one per GGUF format in ``formats`` (comma-separated; empty: none)."""
+    one per format in ``formats`` (comma-separated; empty: none)."""
     prefix = spec.layers + "."
 
     def below(name: str) -> bool:
