@@ -138,7 +138,7 @@ def test_bnb_formats_without_bitsandbytes(monkeypatch):
     monkeypatch.setattr(quantise, "bnb_available", lambda: False)
     monkeypatch.setattr(attacks, "bnb_available", lambda: False)
     formats, note = attacks.resolve_formats(None)
-    assert formats == ("Q8_0", "Q5_0", "Q4_0") and "bnb-int8, bnb-nf4 not run" in note
+    assert formats == ("Q8_0", "Q5_0", "Q4_0") and "bnb-int8, bnb-nf4, bnb-fp4 not run" in note
     assert attacks.resolve_formats(("Q4_0", "bnb-nf4")) == (("Q4_0", "bnb-nf4"), "")
     with pytest.raises(UsageError, match="needs bitsandbytes") as err:
         quantise.check_format("bnb-nf4")
@@ -154,7 +154,8 @@ def test_unlearn_audit_runs_the_attacks_on_what_it_wrote(fact_model_dir, fact_co
     doc = json.loads(res.stdout)
     assert doc["counts"]["forgotten"] == 3 and (tmp_path / "out" / "zu-manifest.json").is_file()
     attacks = {a["attack"]: a for a in doc["audit"]["attacks"]["summary"]}
-    assert set(attacks) == {"quant-Q8_0", "quant-Q5_0", "quant-Q4_0", "quant-bnb-int8", "quant-bnb-nf4", "prompt"}
+    assert set(attacks) == {"quant-Q8_0", "quant-Q5_0", "quant-Q4_0", "quant-bnb-int8", "quant-bnb-nf4",
+                            "quant-bnb-fp4", "prompt"}
     assert all(a["probed"] == 3 for k, a in attacks.items() if k.startswith("quant")), attacks
     assert res.exit_code == doc["audit"]["exit_code"]
     res = runner.invoke(app, ["unlearn", "--model", str(fact_model_dir), "--forget", str(edited_facts / "forget.jsonl"),

@@ -25,8 +25,9 @@ from .probes import Probe, lens_ranks, probe
 from .quantise import BNB_FORMATS, Quantised, bnb_available
 
 ATTACKS = ("quant", "relearn", "prompt", "lens")
-# The GGUF formats most files use, and transformers' load_in_8bit and load_in_4bit (NF4).
-QUANT_FORMATS = ("Q8_0", "Q5_0", "Q4_0", "bnb-int8", "bnb-nf4")
+# The GGUF formats most files use, and transformers' load_in_8bit and load_in_4bit (FP4, its
+# default, and NF4, the usual choice).
+QUANT_FORMATS = ("Q8_0", "Q5_0", "Q4_0", "bnb-int8", "bnb-nf4", "bnb-fp4")
 
 
 @dataclass(frozen=True)

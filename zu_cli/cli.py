@@ -215,7 +215,7 @@ def verify(
     quant_formats: Optional[str] = typer.Option(None, "--quant-formats", metavar="Q8_0,Q5_0,...",
                                                 help="Formats for --attack quant: GGUF Q8_0, Q5_0, Q5_1, Q4_0, "
                                                 "Q4_1; bitsandbytes bnb-int8, bnb-nf4, bnb-fp4 (default: "
-                                                "Q8_0,Q5_0,Q4_0,bnb-int8,bnb-nf4)."),
+                                                "Q8_0,Q5_0,Q4_0,bnb-int8,bnb-nf4,bnb-fp4)."),
     relearn_steps: int = typer.Option(30, "--relearn-steps", min=1, help="--attack relearn: AdamW steps."),
     relearn_lr: float = typer.Option(5e-5, "--relearn-lr", min=0.0, help="--attack relearn: learning rate."),
     max_rank: int = typer.Option(0, "--max-rank", min=0, help="A forgotten target still counts as recalled when its "
