@@ -67,8 +67,9 @@ class Hyper:
     Guards: ``max_rel_change`` bounds ||dW||/||W|| per layer, ``max_cond`` the condition number.
     ``rounding``: how an edited tensor is cast back to a low-precision checkpoint dtype.
     ``quant_keys``: formats (comma-separated, e.g. ``Q4_0,bnb-nf4``; ``quantise.FORMATS``) whose
-    round trip of the weights below and in the edited layers gives each forget prompt more keys, solved for the same
-    edit, so that the forgetting holds on the checkpoint quantised that way (empty: off).
+    round trip of the weights below and in the edited layers gives each forget prompt more keys,
+    solved for the same edit, so that the forgetting holds on the checkpoint quantised that way
+    (empty: off).
     ``explicit`` (not a hyperparameter): the fields the user set (``--config``, CLI flags), which
     calibrated values never replace (``with_settings``).
     """

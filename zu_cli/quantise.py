@@ -101,14 +101,8 @@ def kept_unquantised(model, fmt: str) -> set[str]:
     try:
         from transformers.quantizers.base import get_keys_to_not_convert
     except ImportError:  # transformers 4.x
-        try:
-            from transformers.integrations import get_keys_to_not_convert
-        except ImportError:
-            get_keys_to_not_convert = None
-    if get_keys_to_not_convert is not None:
-        return set(get_keys_to_not_convert(model))
-    head = model.get_output_embeddings()
-    return {name for name, m in model.named_modules() if head is not None and m is head}
+        from transformers.integrations import get_keys_to_not_convert
+    return set(get_keys_to_not_convert(model))
 
 
 def _input_last(module) -> bool | None:
