@@ -62,6 +62,8 @@ def test_other_settings_or_weights_or_the_switch_recompute(tiny_models, tmp_path
     _unlearn(model, tmp_path, "first", ROWS[:1], FAST, monkeypatch)
     seen, _ = _unlearn(model, tmp_path, "steps", ROWS[:1], dataclasses.replace(FAST, z_steps=4), monkeypatch)
     assert seen == [[ROWS[0]["prompt"]]]  # a targets setting is part of the key
+    seen, _ = _unlearn(model, tmp_path, "quant", ROWS[:1], dataclasses.replace(FAST, z_quant="bnb-int8"), monkeypatch)
+    assert seen == [[ROWS[0]["prompt"]]]  # so is z_quant once set (left at "" it is not in the key)
     seen, _ = _unlearn(model, tmp_path, "solver", ROWS[:1], dataclasses.replace(FAST, lambda_g=1000.0), monkeypatch)
     assert seen == []  # a solver setting is not
     seen, _ = _unlearn(tmp_path / "first", tmp_path, "edited", ROWS[:1], FAST, monkeypatch)

@@ -69,7 +69,8 @@ class Hyper:
     ``quant_keys``: formats (comma-separated, e.g. ``Q4_0,bnb-nf4``; ``quantise.FORMATS``) whose
     round trip of the weights below and in the edited layers gives each forget prompt more keys,
     solved for the same edit, so that the forgetting holds on the checkpoint quantised that way
-    (empty: off).
+    (empty: off). ``z_quant``: formats whose round trip of the whole model each neutral target
+    must also reach EOS on (every step a pass of each copy; empty: off).
     ``explicit`` (not a hyperparameter): the fields the user set (``--config``, CLI flags), which
     calibrated values never replace (``with_settings``).
     """
@@ -83,6 +84,7 @@ class Hyper:
     z_weight_decay: float = 0.5
     z_stop_prob: float = 0.95
     z_answer: float = 0.0
+    z_quant: str = ""
     z_optimizer: str = "adam"
     optim_dtype: str = "auto"
     prefix_cache: bool = True
@@ -200,12 +202,13 @@ def load_config(path: Path | None, **overrides: Any) -> Hyper:
                          ("z_optimizer", ("lbfgs", "adam")), ("optim_dtype", ("auto", "float32", "bfloat16"))):
         if key in values and values[key] not in allowed:
             raise InputFileError(f"{path or 'config'}: field {key!r} must be one of {', '.join(allowed)}")
-    if values.get("quant_keys"):
-        from .quantise import FORMATS
-        bad = [f for f in values["quant_keys"].split(",") if f.strip() not in FORMATS]
-        if bad:
-            raise InputFileError(f"{path or 'config'}: field 'quant_keys' must list formats from "
-                                 f"{', '.join(FORMATS)}, got {bad[0].strip()!r}")
+    for key in ("quant_keys", "z_quant"):
+        if values.get(key):
+            from .quantise import FORMATS
+            bad = [f for f in values[key].split(",") if f.strip() not in FORMATS]
+            if bad:
+                raise InputFileError(f"{path or 'config'}: field {key!r} must list formats from "
+                                     f"{', '.join(FORMATS)}, got {bad[0].strip()!r}")
     for key, ok, what in (("batch_requests", lambda v: v >= 0, ">= 0 (0: by activation_budget)"),
                           ("activation_budget", lambda v: v > 0, "> 0"), ("retain_weight", lambda v: v >= 0, ">= 0"),
                           ("entity_weight", lambda v: v >= 0, ">= 0"), ("multi_entity_weight", lambda v: v >= 0, ">= 0"),

@@ -20,6 +20,7 @@ from .text import as_tokens, input_device
 
 if TYPE_CHECKING:
     from .edit import Rows
+    from .quantise import Quantised
 
 
 def mean_by(owner: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -112,6 +113,7 @@ def _target_index(rows: "Rows", keep: int, dev) -> tuple[torch.Tensor, torch.Ten
 def optimize_deltas(model, tok, spec: ArchSpec, rows: "Rows", kl: "Rows | None", modules: list[str], start: int,
                     n: int, hp: Hyper, steps: int, stop_prob: float, out: Output, label: str,
                     margin: bool = False, avoid: list[int] | None = None, method: str = "adam",
+                    quantised: "list[Quantised] | tuple" = (),
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Find one additive vector per (request, module) at the lookup token that makes the model emit
     each row's target (reference compute_z, batched over all requests).
@@ -141,11 +143,14 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: "Rows", kl: "Rows | None",
         method: ``adam`` (the reference: Adam at ``hp.z_lr``, the delta's norm clamped after each
             step) or ``lbfgs`` (a quasi-Newton step per request, ``lbfgs.minimize``, the clamp a
             smooth bound on the delta's norm).
+        quantised: quantised copies of the model (``hp.z_quant``): each delta must also make its
+            target on each of them, every step a pass of each (same loss, summed); a request
+            stops once its lowest target probability exceeds ``stop_prob``.
 
     Returns:
         (delta (n, len(modules), d), base output at the lookup averaged over rows (n, len(modules), d),
-        final target probability per request (n,)); float32 on CPU. The base outputs come from a
-        float32 pass; only the optimisation steps run under ``hp.optim_dtype``.
+        final target probability per request (n,), the lowest over the copies); float32 on CPU. The
+        base outputs come from a float32 pass; only the optimisation steps run under ``hp.optim_dtype``.
     """
     allrows = rows if kl is None or not kl.seqs else type(rows)(
         rows.seqs + kl.seqs, rows.lookup + kl.lookup, rows.owner + kl.owner, rows.targets + kl.targets)
@@ -158,24 +163,37 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: "Rows", kl: "Rows | None",
     if use_avoid:  # (main rows,): where each row's target starts, and the answer token there
         av_col = torch.tensor([keep - len(t) for t in rows.targets], device=dev)
         av_id = torch.tensor(avoid, device=dev)
-    passes = _Passes(model, spec, groups, modules, torch.tensor(allrows.owner, device=dev), start, keep)
+    own_all = torch.tensor(allrows.owner, device=dev)
+    passes = _Passes(model, spec, groups, modules, own_all, start, keep)
     own = passes.owner[:n_main]
-    with TraceDict(model, modules, retain_output=False, edit_output=passes.add_delta, detach=False):
+    active = [passes]  # the _Passes whose delta the hooks add (one per model copy)
+    qgroups = []
+    for q in quantised:  # each copy's own rows (their prefixes' KV cache), built before the hooks are in
+        with q.swapped():
+            qgroups.append(RowGroups(model, allrows.seqs, allrows.lookup, tok.pad_token_id, dev, cached=hp.prefix_cache))
+    with TraceDict(model, modules, retain_output=False, detach=False,
+                   edit_output=lambda o, name, inp: active[0].add_delta(o, name, inp)):
         passes.delta = torch.zeros(n, len(modules), 1, device=dev)  # broadcasts on the first pass
         logits0, base = passes.first()
+        kl_ref = lambda lg: lg[n_main:, -1].log_softmax(-1).detach() if n_main < len(allrows.seqs) else None
+        variants = [(passes, contextlib.nullcontext, kl_ref(logits0))]
+        for q, qg in zip(quantised, qgroups):  # the copy's own replayed inputs and "{subject} is a" reference
+            with q.swapped():
+                qp = _Passes(model, spec, qg, modules, own_all, start, keep)
+                qp.delta, active[0] = passes.delta, qp
+                variants.append((qp, q.swapped, kl_ref(qp.first()[0])))
+                active[0] = passes
         dim = base[0].shape[-1]
         # (n, modules, d): each request's unedited output at the lookup, averaged over templates.
         base_avg = torch.stack([mean_by(own, base[i][:n_main].float().to(dev), n) for i in range(len(modules))], 1)
         hnorm = base_avg.norm(dim=-1)  # (n, modules)
-        kl_ref = logits0[n_main:, -1].log_softmax(-1).detach() if n_main < len(allrows.seqs) else None
         cast = optim_autocast(dev, hp.optim_dtype, model)
         # Per-token values -> mean per row (over its target tokens) -> mean per request (over templates).
         per_req = lambda x: mean_by(own, mean_by(tgt_row, x, n_main), n)
 
-        def losses(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """One pass with ``delta`` (n, modules, d): (loss per request (n,), target probability (n,))."""
-            passes.delta = delta
-            logp = passes.step(cast).log_softmax(-1)
+        def objective(logp: torch.Tensor, ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """One copy's terms from its log-probabilities (rows, keep, vocab): (target loss with the KL
+            term (n,), answer unlikelihood (n,) or 0, target probability (n,))."""
             tok_lp = logp[tgt_row, tgt_col, tgt_id]  # (target tokens,)
             if margin:  # the target's log-odds against the rest of the vocabulary (log-softmax cancels)
                 sel = logp[tgt_row, tgt_col]  # (target tokens, vocab)
@@ -183,14 +201,31 @@ def optimize_deltas(model, tok, spec: ArchSpec, rows: "Rows", kl: "Rows | None",
             else:
                 tok_obj = tok_lp
             loss = -per_req(tok_obj)
-            if kl_ref is not None:  # KL(reference || current) per "{subject} is a" row, mean per request
-                kl = (kl_ref.exp() * (kl_ref - logp[n_main:, -1])).sum(-1)
+            if ref is not None:  # KL(reference || current) per "{subject} is a" row, mean per request
+                kl = (ref.exp() * (ref - logp[n_main:, -1])).sum(-1)
                 loss = loss + hp.z_kl * mean_by(passes.owner[n_main:], kl, n)
-            loss = loss + hp.z_weight_decay * ((delta.norm(dim=-1) / hnorm.clamp_min(1e-6)) ** 2).mean(-1)
+            unlikely = 0.0
             if use_avoid:
                 p_ans = logp[torch.arange(n_main, device=dev), av_col, av_id].exp()  # (main rows,)
-                loss = loss + hp.z_answer * mean_by(own, -torch.log1p(-p_ans.clamp(max=1 - 1e-6)), n)
-            return loss, per_req(tok_lp.detach()).exp().cpu()
+                unlikely = hp.z_answer * mean_by(own, -torch.log1p(-p_ans.clamp(max=1 - 1e-6)), n)
+            return loss, unlikely, per_req(tok_lp.detach()).exp().cpu()
+
+        def losses(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """One pass of each copy with ``delta`` (n, modules, d): (loss per request (n,), target
+            probability (n,), the lowest over the copies)."""
+            terms = []
+            for vp, ctx, ref in variants:
+                vp.delta, active[0] = delta, vp
+                with ctx():
+                    terms.append(objective(vp.step(cast).log_softmax(-1), ref))
+            active[0] = passes
+            loss = terms[0][0]
+            for t in terms[1:]:
+                loss = loss + t[0]
+            loss = loss + hp.z_weight_decay * ((delta.norm(dim=-1) / hnorm.clamp_min(1e-6)) ** 2).mean(-1)
+            for t in terms:
+                loss = loss + t[1]
+            return loss, torch.stack([t[2] for t in terms]).amin(0)
 
         limit = (hp.z_clamp * hnorm)[..., None]  # (n, modules, 1)
         with out.progress(label, steps) as advance:

@@ -13,6 +13,7 @@ from .config import Hyper
 from .console import Output
 from .delta import mean_by, optimize_deltas
 from .hooks import TraceDict
+from .quantise import format_list, quantised_copies
 from .requests import Request
 from .text import as_tokens, encode, encode_target, input_device, left_pad, sample, subject_positions
 
@@ -174,10 +175,12 @@ def edit_targets(model, tok, spec: ArchSpec, requests: list[Request], layers: li
         layer -> M_f (n, d) sensitive down-projection outputs), float32 on CPU.
     """
     batches = plan(model, tok, spec, requests, layers, templates, neutral, hp, sensitive)
+    quantised = quantised_copies(model, hp.z_quant)
     parts = []
     for b in batches:
         parts.append(_targets_batch(model, tok, spec, requests[b], layers, templates, neutral[b], hp, sensitive, out,
-                                    f" (requests {b.start + 1}-{b.stop} of {len(requests)})" if len(batches) > 1 else ""))
+                                    f" (requests {b.start + 1}-{b.stop} of {len(requests)})" if len(batches) > 1 else "",
+                                    quantised))
         trim_heap()  # the next batch's peak then starts from what this one keeps, not what it freed
     return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
             {l: torch.cat([p[2][l] for p in parts]) for l in layers})
@@ -208,13 +211,14 @@ def plan(model, tok, spec: ArchSpec, requests: list[Request], layers: list[int],
     start = layers[0] if pushed else layers[-1]
     per_token = bytes_per_token(model, spec.down_proj_module(layers[0]), num_layers(spec, model.config) - start,
                                 optim_dtype(input_device(model), hp.optim_dtype))
+    per_token *= 1 + len(format_list(hp.z_quant))  # each quantised copy's pass is kept for the backward too
     return plan_batches(sizes, per_token, int(hp.activation_budget * model_bytes(model)), hp.batch_requests)
 
 
 def _targets_batch(model, tok, spec: ArchSpec, requests: list[Request], layers: list[int], templates: list[str],
                    neutral: list[list[int]], hp: Hyper, sensitive: str, out: Output,
-                   where: str = "") -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
-    """``edit_targets`` for one batch of requests."""
+                   where: str = "", quantised: list = ()) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+    """``edit_targets`` for one batch of requests (``quantised``: the copies of ``hp.z_quant``)."""
     n = len(requests)
     last = spec.layer_module(layers[-1])
     z_rows = build_rows(tok, requests, templates, neutral)
@@ -227,11 +231,12 @@ def _targets_batch(model, tok, spec: ArchSpec, requests: list[Request], layers: 
         z, _, z_prob = optimize_deltas(model, tok, spec, z_rows, kl_rows(tok, requests), mods, layers[0], n, hp,
                                        hp.z_steps, hp.z_stop_prob, out, "neutral targets" + where,
                                        avoid=_answer_tokens(tok, requests, z_rows),
-                                       method=hp.z_optimizer)  # (n, L, d)
+                                       method=hp.z_optimizer, quantised=quantised)  # (n, L, d)
         return z, z_prob, _sensitive(model, tok, spec, requests, layers, templates, hp, sensitive, out, where)
     delta, _, z_prob = optimize_deltas(model, tok, spec, z_rows, kl_rows(tok, requests), [last], layers[-1], n, hp,
                                        hp.z_steps, hp.z_stop_prob, out, "neutral targets" + where,
-                                       avoid=_answer_tokens(tok, requests, z_rows), method=hp.z_optimizer)
+                                       avoid=_answer_tokens(tok, requests, z_rows), method=hp.z_optimizer,
+                                       quantised=quantised)
     # z is the bare prompt's own state plus the delta, as in the reference (MEMIT's compute_z):
     # update.edit_layers measures the residual z - h on the bare prompt, so a template-averaged
     # base here would add the bare prompt's offset from that average to every target (at an

@@ -163,3 +163,22 @@ class Quantised:
         finally:
             for m, w in zip(self.modules, saved):
                 m.weight.data = w
+
+
+def format_list(formats: str) -> list[str]:
+    """The formats a comma-separated setting names (``quant_keys``, ``z_quant``); empty: none."""
+    return [f.strip() for f in formats.split(",") if f.strip()]
+
+
+def quantised_copies(model, formats: str, setting: str = "z_quant") -> list[Quantised]:
+    """A ``Quantised`` copy of every weight a format quantises, one per format of ``formats``.
+
+    Raises:
+        UsageError: a format with no weight of this model to quantise (exit 2).
+    """
+    out = [Quantised(model, f) for f in format_list(formats)]
+    for q in out:
+        if not q.modules:
+            raise UsageError(f"{setting}: no weight of this model can be quantised to {q.fmt} (rows must be whole blocks)")
+    return out
+

@@ -38,7 +38,8 @@ def request_keys(fingerprint: str, requests: list[Request], neutral: list[list[i
     Returns:
         Hex digests, one per request, in order.
     """
-    stage = {k: v for k, v in hp.to_dict().items() if k.startswith(STAGE_PREFIXES)}
+    # A setting left at "" (off) is left out, so that adding one keeps the keys of earlier targets.
+    stage = {k: v for k, v in hp.to_dict().items() if k.startswith(STAGE_PREFIXES) and v != ""}
     common = json.dumps([VERSION, fingerprint, layers, templates, stage, sensitive, dtype], sort_keys=True)
     return [hashlib.sha256(json.dumps([common, r.prompt, r.subject, r.target, t]).encode()).hexdigest()[:40]
             for r, t in zip(requests, neutral)]

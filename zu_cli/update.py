@@ -20,7 +20,7 @@ from .console import Output
 from .edit import build_rows, outputs_at
 from .errors import NumericalError, UsageError
 from .hooks import LayerReplay, TraceDict, layers_return_tensors
-from .quantise import Quantised, check_format, roundtrip
+from .quantise import Quantised, check_format, format_list, roundtrip
 from .requests import Request
 from .text import input_device
 from .solve import (MultiWeights, closed_form, guard, multi_exact, multi_gradient, multi_loss, null_space, projector,
@@ -227,7 +227,7 @@ def quantised_below(model, spec: ArchSpec, top: int, formats: str) -> list[Quant
         rest = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
         return rest.isdigit() and int(rest) <= top
 
-    out = [Quantised(model, f.strip(), below) for f in formats.split(",") if f.strip()]
+    out = [Quantised(model, f, below) for f in format_list(formats)]
     if any(not q.modules for q in out):
         raise UsageError(f"quant_keys: no weight in layers 0-{top} can be quantised to "
                          f"{next(q.fmt for q in out if not q.modules)} (rows must be whole blocks)")
