@@ -170,7 +170,7 @@ def test_verify_names_the_remedy_for_what_came_back():
             {"attack": "quant-Q4_0", "judged": True, "recalled": 3}, {"attack": "relearn", "judged": True, "recalled": 0},
             {"attack": "relearn-control", "judged": False, "recalled": 2}]
     hints = attack_hints(rows)
-    assert len(hints) == 1 and 'quant_keys: "Q5_0,Q4_0"' in hints[0] and 'z_quant: "Q5_0,Q4_0"' in hints[0]
+    assert len(hints) == 1 and 'quant_keys: "Q5_0,Q4_0"' in hints[0]
     rows[3]["recalled"] = 1
     assert "z_answer: 20" in attack_hints(rows)[1]
     assert attack_hints([{**r, "recalled": 0} for r in rows]) == []

@@ -88,9 +88,8 @@ def attack_hints(summary: list[dict]) -> list[str]:
     quant = [a.removeprefix("quant-") for a in back if a.startswith("quant-")]
     hints = []
     if quant:
-        fmts = ",".join(quant)
-        hints.append(f'hint: facts came back under {", ".join(quant)}: edit again with quant_keys: "{fmts}" in --config, '
-                     f'and z_quant: "{fmts}" if some still do (docs/method.md, "Forgetting that survives quantisation")')
+        hints.append(f'hint: facts came back under {", ".join(quant)}: edit again with quant_keys: "{",".join(quant)}" '
+                     "in --config (docs/method.md, \"Forgetting that survives quantisation\")")
     if "relearn" in back:
         hints.append("hint: facts came back after fine-tuning: edit again with z_answer: 20 in --config "
                      "(docs/method.md, \"When to change what\")")
