@@ -204,11 +204,11 @@ def load_config(path: Path | None, **overrides: Any) -> Hyper:
             raise InputFileError(f"{path or 'config'}: field {key!r} must be one of {', '.join(allowed)}")
     for key in ("quant_keys", "z_quant"):
         if values.get(key):
-            from .quantise import FORMATS
-            bad = [f for f in values[key].split(",") if f.strip() not in FORMATS]
+            from .quantise import FORMATS, format_list
+            bad = [f for f in format_list(values[key]) if f not in FORMATS]
             if bad:
                 raise InputFileError(f"{path or 'config'}: field {key!r} must list formats from "
-                                     f"{', '.join(FORMATS)}, got {bad[0].strip()!r}")
+                                     f"{', '.join(FORMATS)}, got {bad[0]!r}")
     for key, ok, what in (("batch_requests", lambda v: v >= 0, ">= 0 (0: by activation_budget)"),
                           ("activation_budget", lambda v: v > 0, "> 0"), ("retain_weight", lambda v: v >= 0, ">= 0"),
                           ("entity_weight", lambda v: v >= 0, ">= 0"), ("multi_entity_weight", lambda v: v >= 0, ">= 0"),

@@ -170,7 +170,7 @@ def format_list(formats: str) -> list[str]:
     return [f.strip() for f in formats.split(",") if f.strip()]
 
 
-def quantised_copies(model, formats: str, setting: str = "z_quant") -> list[Quantised]:
+def quantised_copies(model, formats: str) -> list[Quantised]:
     """A ``Quantised`` copy of every weight a format quantises, one per format of ``formats``.
 
     Raises:
@@ -179,6 +179,5 @@ def quantised_copies(model, formats: str, setting: str = "z_quant") -> list[Quan
     out = [Quantised(model, f) for f in format_list(formats)]
     for q in out:
         if not q.modules:
-            raise UsageError(f"{setting}: no weight of this model can be quantised to {q.fmt} (rows must be whole blocks)")
+            raise UsageError(f"z_quant: no weight of this model can be quantised to {q.fmt} (rows must be whole blocks)")
     return out
-
