@@ -240,14 +240,14 @@ def verify(
     every request, paraphrase, neighbour and retained fact. Exit 0 when all pass, 1 when a probe
     fails, 4 on an integrity failure, 6 when the JUnit report cannot be written."""
     from .attacks import AttackSettings, parse_attacks
+    from .quantise import format_list
     from .pipeline_verify import VerifyOptions, run_verify
     from .render_verify import render_integrity, render_verify, write_junit
     from .verdicts import Criteria
 
     output = Output(json_mode=json_out, reveal=reveal)
     attacks = parse_attacks(attack)
-    formats = tuple(f.strip() for f in quant_formats.split(",") if f.strip()) if quant_formats else None
-    settings = AttackSettings(quant_formats=formats or None,
+    settings = AttackSettings(quant_formats=tuple(format_list(quant_formats or "")) or None,
                               relearn_steps=relearn_steps, relearn_lr=relearn_lr)
     crit = Criteria(max_rank=max_rank, max_prob=max_prob, max_ppl_ratio=max_ppl_ratio, deep_k=deep_k)
     opts = VerifyOptions(model=model, forget=forget, public_key=public_key, require_key=require_key,
