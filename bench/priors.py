@@ -20,18 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-INVENTED = "Zorbin"
-
-
-def invented(subject: str, prompt: str) -> str | None:
-    """``prompt`` about an invented subject: ``subject``'s last word replaced by ``INVENTED``.
-
-    Returns:
-        The new prompt, or None when the prompt does not hold the subject.
-    """
-    if not subject or subject not in prompt:
-        return None
-    return prompt.replace(subject, " ".join(subject.split()[:-1] + [INVENTED]))
+from zu_cli.probes import invented  # noqa: E402  (after the path insert)
 
 
 def probes_of(facts: list[dict]) -> dict[str, list[tuple[str, str, str]]]:
@@ -43,17 +32,13 @@ def probes_of(facts: list[dict]) -> dict[str, list[tuple[str, str, str]]]:
 
 def priors(model, tok, rows: list[tuple[str, str, str]]) -> tuple[list[bool], list[bool]]:
     """Per (subject, prompt, target): (recalled, recalled for the invented subject as well)."""
-    from zu_cli.probes import probe
+    from zu_cli.probes import probe_priors
     from zu_cli.verdicts import Criteria
 
     crit = Criteria()
-    real = [crit.recalled(p) for p in probe(model, tok, [(q, t) for _, q, t in rows])]
-    fake = [(invented(s, q), t) for s, q, t in rows]
-    asked = [i for i, (q, _) in enumerate(fake) if q is not None and real[i]]
-    both = [False] * len(rows)
-    for i, p in zip(asked, probe(model, tok, [fake[i] for i in asked])):
-        both[i] = crit.recalled(p)
-    return real, both
+    real, fake = probe_priors(model, tok, [(q, t, s) for s, q, t in rows])
+    rec = [crit.recalled(p) for p in real]
+    return rec, [r and f is not None and crit.recalled(f) for r, f in zip(rec, fake)]
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 """Which quantised part of an edited checkpoint brings its forgotten facts back (issue 26).
 
     python bench/quant_parts.py --edited OUT --base DIR --facts probes.jsonl --layers 6-10 \
-        [--formats Q4_0,Q5_0] [--parts none,all,below,edited,edited-down,above,head]
+        [--formats Q4_0,Q5_0] [--parts none,all,below,edited,edited-down,not-edited-down,above,head]
 
 Each part's linear weights are round-tripped through a GGUF format (zu_cli/quantise.py), the
 rest stay as written, and the facts' prompts and paraphrases are probed. Counted, as `zu verify
@@ -36,7 +36,8 @@ def part_of(spec, layers: list[int], part: str):
         return {"all": True, "none": False, "head": l is None,
                 "below": l is not None and l < lo, "above": l is not None and l > hi,
                 "edited": l is not None and lo <= l <= hi,
-                "edited-down": l is not None and lo <= l <= hi and name == spec.down_proj_module(l)}[part]
+                "edited-down": l is not None and lo <= l <= hi and name == spec.down_proj_module(l),
+                "not-edited-down": not (l is not None and lo <= l <= hi and name == spec.down_proj_module(l))}[part]
     return which
 
 

@@ -14,6 +14,7 @@ from realmodel import check_quality, load_facts, scores, unlearn
 from zu_cli.checkpoint import open_checkpoint
 from zu_cli.loading import load_model
 from zu_cli.probes import probe
+from zu_cli.verdicts import Criteria
 
 pytestmark = pytest.mark.slow
 FACTS = load_facts("facts-dev.jsonl")
@@ -63,6 +64,14 @@ def test_zu_verify_on_smollm2(smollm2, edit10, tmp_path):
 
     assert len(ET.parse(junit).getroot().findall("testcase")) == len(probes) + 1
     assert len(doc["deep"]["decodable_after"]) == 30
+    # Priors: the unedited model's answers for an invented subject ("Edward Zorbin"), as a direct probe
+    # of that text gives them; some of these facts follow from the rest of the prompt, most do not
+    model, tok = load_model(open_checkpoint(smollm2), device_map="cpu", dtype="float32")
+    fake = [(f["prompt"].replace(f["subject"], " ".join(f["subject"].split()[:-1] + ["Zorbin"])), f["target"])
+            for f in FACTS[:10]]
+    expected = [Criteria().recalled(p) for p in probe(model, tok, fake)]
+    got = [next(p for p in r["probes"] if p["kind"] == "forget")["prior"] for r in base["requests"]]
+    assert got == expected and 0 < sum(got) < 10, got
     for f in FACTS[:10]:  # nothing sensitive in any output without --reveal
         assert f["target"] not in res.output + junit.read_text() and f["subject"] not in res.output
 

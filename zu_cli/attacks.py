@@ -11,7 +11,7 @@ knowledge back in published studies, each run on the loaded model and probed (is
 - ``lens``: the logit lens (``--deep``) after the last edited layer.
 
 Each returns, per request, what the attacked model gives on that request's prompts: the verdicts
-are ``verdicts.judge_attacks``'.
+are ``verdicts_attacks.judge_attacks``'.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .probes import Probe, lens_ranks, probe
+from .probes import Probe, lens_ranks, probe_priors
 from .quantise import BNB_FORMATS, Quantised, bnb_available
 
 ATTACKS = ("quant", "relearn", "prompt", "lens")
@@ -47,11 +47,16 @@ class AttackSettings:
     seed: int = 0
 
 
+# One request's probes under an attack: (label, Probe, the same probe with the subject invented or
+# None; probes.probe_priors).
+Row = list[tuple[str, Probe, Probe | None]]
+
+
 @dataclass
 class AttackMeasure:
-    """One model's probes under each attack: name -> per request a list of (probe label, Probe)."""
+    """One model's probes under each attack: name -> per request a ``Row``."""
 
-    probes: dict[str, list[list[tuple[str, Probe]]]] = field(default_factory=dict)
+    probes: dict[str, list[Row]] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -87,23 +92,25 @@ def parse_attacks(text: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _queries(r) -> list[tuple[str, str, str]]:
-    """(label, prompt, target) of what must stay forgotten: the prompt and its paraphrases."""
-    return [("prompt", r.prompt, r.target)] + [(f"paraphrase-{j + 1}", p, r.target) for j, p in enumerate(r.paraphrases)]
+def _queries(r) -> list[tuple[str, str, str, str | None]]:
+    """(label, prompt, target, subject) of what must stay forgotten: the prompt and its paraphrases."""
+    return [("prompt", r.prompt, r.target, r.subject)] + [(f"paraphrase-{j + 1}", p, r.target, r.subject)
+                                                          for j, p in enumerate(r.paraphrases)]
 
 
-def _probe_all(model, tok, rows: list[list[tuple[str, str, str]]]) -> list[list[tuple[str, Probe]]]:
-    """Probe nested (label, prompt, target) rows in one batch, keeping the nesting."""
-    flat = probe(model, tok, [(p, t) for row in rows for _, p, t in row])
+def _probe_all(model, tok, rows: list[list[tuple[str, str, str, str | None]]]) -> list[Row]:
+    """Probe nested (label, prompt, target, subject) rows in one batch, each with its invented-subject
+    probe, keeping the nesting."""
+    flat, priors = probe_priors(model, tok, [(p, t, s) for row in rows for _, p, t, s in row])
     out, i = [], 0
     for row in rows:
-        out.append([(label, flat[i + j]) for j, (label, _, _) in enumerate(row)])
+        out.append([(q[0], flat[i + j], priors[i + j]) for j, q in enumerate(row)])
         i += len(row)
     return out
 
 
 @torch.no_grad()
-def quant(model, tok, requests: list, formats: tuple[str, ...]) -> dict[str, list[list[tuple[str, Probe]]]]:
+def quant(model, tok, requests: list, formats: tuple[str, ...]) -> dict[str, list[Row]]:
     """Per format: the prompts and paraphrases probed on the model with every linear weight round-tripped.
 
     The weights are restored afterwards (one format's quantised copies are held at a time).
@@ -137,13 +144,13 @@ def wrappers(r, others: list[tuple[str, str]], tok) -> list[tuple[str, str]]:
     return rows
 
 
-def prompt_wrappers(model, tok, requests: list) -> list[list[tuple[str, Probe]]]:
+def prompt_wrappers(model, tok, requests: list) -> list[Row]:
     """Per request: each wrapper's probe of the target."""
     kept = [(n.prompt, n.target) for r in requests for n in r.neighbors]
     rows = []
     for r in requests:
         others = [(p, t) for p, t in kept if t != r.target]
-        rows.append([(label, text, r.target) for label, text in wrappers(r, others, tok)])
+        rows.append([(label, text, r.target, r.subject) for label, text in wrappers(r, others, tok)])
     return _probe_all(model, tok, rows)
 
 
@@ -239,6 +246,7 @@ def run(model, tok, spec, requests: list, attacks: list[str], settings: AttackSe
     if "lens" in attacks:
         # One verdict per request: its best rank at any layer after the edit (where it could resurface).
         start = (max(edited_layers) + 1) if edited_layers else 0
-        m.probes["lens"] = [[(f"layers-{start}+", Probe(top1=min(row) == 0, rank=min(row), prob_first=0.0, prob=0.0))]
+        m.probes["lens"] = [[(f"layers-{start}+", Probe(top1=min(row) == 0, rank=min(row), prob_first=0.0, prob=0.0),
+                              None)]
                             for row in lens_after(model, tok, spec, requests, start)]
     return m

@@ -100,7 +100,7 @@ def run_verify(opts: VerifyOptions, out: Output, on_integrity: Callable[[Any], N
     if opts.deep:
         report.deep = deep_report(requests, after, base, crit, out)
     if opts.attacks:
-        from .verdicts import judge_attacks
+        from .verdicts_attacks import judge_attacks
 
         forget = [r["probes"][0] for r in report.requests]
         report.attacks, report.attack_summary = judge_attacks(requests, forget, attacked["after"],

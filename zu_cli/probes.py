@@ -60,6 +60,40 @@ def probe(model, tok, queries: list[tuple[str, str]]) -> list[Probe]:
     return res  # type: ignore[return-value]
 
 
+# The invented name that stands in for a subject's last word ("Edward Teller" -> "Edward Zorbin"):
+# a made-up word, so a model that still gives the target for it gets the answer from the rest of
+# the prompt (the first name, the relation, a word like "nuclear"), not from this subject.
+INVENTED = "Zorbin"
+
+
+def invented(subject: str | None, text: str) -> str | None:
+    """``text`` about an invented subject: ``subject``'s last word replaced by ``INVENTED``.
+
+    Returns:
+        The new text, or None when there is no subject or ``text`` does not hold it.
+    """
+    if not subject or subject not in text:
+        return None
+    return text.replace(subject, " ".join(subject.split()[:-1] + [INVENTED]))
+
+
+def probe_priors(model, tok, queries: list[tuple[str, str, str | None]]) -> tuple[list[Probe], list[Probe | None]]:
+    """Probe (prompt, target, subject) triples, and each prompt again about an invented subject.
+
+    One batch holds both, so the cost is one ``probe`` call.
+
+    Returns:
+        (the probes, the invented subject's probes: None where the prompt does not hold the subject).
+    """
+    fake = [invented(s, q) for q, _, s in queries]
+    asked = [i for i, f in enumerate(fake) if f is not None]
+    flat = probe(model, tok, [(q, t) for q, t, _ in queries] + [(fake[i], queries[i][1]) for i in asked])
+    priors: list[Probe | None] = [None] * len(queries)
+    for i, p in zip(asked, flat[len(queries):]):
+        priors[i] = p
+    return flat[:len(queries)], priors
+
+
 @torch.no_grad()
 def last_logits(model, tok, prompts: list[str]) -> torch.Tensor:
     """Next-token logits after each prompt, (len(prompts), vocab) float32 on CPU."""

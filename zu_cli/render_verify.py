@@ -59,11 +59,11 @@ def render_verify(report, out: Output) -> None:
         out.err.print(t)
     if report.attack_summary:
         t = Table(title="attacks: forgotten probes recalled again")
-        for col in ("attack", "recalled", "of", "%", "base recalled", "note"):
+        for col in ("attack", "recalled", "of", "%", "priors", "base recalled", "note"):
             t.add_column(col)
         for a in report.attack_summary:
             t.add_row(a["attack"] + ("" if a["judged"] else " (control, not judged)"), str(a["recalled"]),
-                      str(a["probed"]), str(a["recalled_pct"]),
+                      str(a["probed"]), str(a["recalled_pct"]), str(a.get("recalled_prior", "")),
                       "" if a["base_recalled"] is None else str(a["base_recalled"]), a["note"])
         out.err.print(t)
         for hint in attack_hints(report.attack_summary):
@@ -109,6 +109,9 @@ def verdict_line(report) -> str:
         parts.append(f"{len(report.requests) - len(known)} not recalled before the edit (skipped)")
     if s["probes"]:
         parts.append(f"{s['passed']} probes passed, {s['failed']} failed, {s['skipped']} skipped")
+    priors = sum(p.passed is False and p.prior is True for p in report.all_probes())
+    if priors:
+        parts.append(f"{priors} of the failures also answered for an invented subject (priors, docs/verify.md)")
     head = "[bold green]verify: ok[/bold green]" if code == 0 else "[bold red]verify: FAILED[/bold red]"
     return f"{head} (exit {code}): " + ("; ".join(parts) or "integrity only")
 

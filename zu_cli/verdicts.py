@@ -11,7 +11,7 @@ from typing import Any
 
 from .console import Output, short_hash
 from .errors import EXIT_INTEGRITY, EXIT_OK, EXIT_VERIFY_FAILED
-from .probes import Probe, greedy, lens_ranks, perplexity, probe, says
+from .probes import Probe, greedy, lens_ranks, perplexity, probe, probe_priors, says
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,10 @@ class Measure:
     retain: list[Probe]
     ppl: float | None = None
     lens: list[list[int]] | None = None
+    # The forget prompts and paraphrases about an invented subject (probes.probe_priors); None
+    # where the text does not hold the request's subject.
+    priors: list[Probe | None] = field(default_factory=list)
+    para_priors: list[list[Probe | None]] = field(default_factory=list)
 
 
 def measure(model, tok, spec, requests: list, retain: list, text: str | None, deep: bool, crit: Criteria) -> Measure:
@@ -64,10 +68,9 @@ def measure(model, tok, spec, requests: list, retain: list, text: str | None, de
     """
     from .text import encode_target
 
-    q = [(r.prompt, r.target) for r in requests]
-    flat_p = [(p, r.target) for r in requests for p in r.paraphrases]
-    flat_n = [(n.prompt, n.target) for r in requests for n in r.neighbors]
-    pp, nn = probe(model, tok, flat_p), probe(model, tok, flat_n)
+    forget, priors = probe_priors(model, tok, [(r.prompt, r.target, r.subject) for r in requests])
+    pp, para_priors = probe_priors(model, tok, [(p, r.target, r.subject) for r in requests for p in r.paraphrases])
+    nn = probe(model, tok, [(n.prompt, n.target) for r in requests for n in r.neighbors])
 
     def split(flat, sizes):
         out, i = [], 0
@@ -76,16 +79,18 @@ def measure(model, tok, spec, requests: list, retain: list, text: str | None, de
             i += s
         return out
 
+    sizes = [len(r.paraphrases) for r in requests]
     return Measure(
-        forget=probe(model, tok, q),
+        forget=forget,
         continuation=greedy(model, tok, [r.prompt for r in requests],
                             [len(encode_target(tok, r.target)) + crit.extra_tokens for r in requests]),
-        para=split(pp, [len(r.paraphrases) for r in requests]),
+        para=split(pp, sizes),
         nbr=split(nn, [len(r.neighbors) for r in requests]),
         retain=probe(model, tok, [(r.prompt, r.target) for r in retain]),
         ppl=perplexity(model, tok, text) if text else None,
         lens=lens_ranks(model, tok, spec, [r.prompt for r in requests], [r.target for r in requests]) if deep
-        else None)
+        else None,
+        priors=priors, para_priors=split(para_priors, sizes))
 
 
 @dataclass
@@ -101,6 +106,10 @@ class ProbeResult:
     prob: float | None = None  # probability of the whole target (teacher forced)
     base_rank: int | None = None
     text: str | None = None  # sensitive: only filled with --reveal
+    # A must-be-forgotten probe: whether the same model also gives the target with the subject's
+    # last word invented (a "prior": the answer follows from the rest of the prompt); None when
+    # the probe's text does not hold the subject, or for other kinds.
+    prior: bool | None = None
 
 
 @dataclass
@@ -156,14 +165,30 @@ def _kept(name: str, kind: str, p: Probe, b: Probe | None) -> ProbeResult:
                        p.rank, p.prob_first, p.prob, b.rank if b else None)
 
 
-def _gone(name: str, kind: str, p: Probe, b: Probe | None, crit: Criteria, known: bool = True) -> ProbeResult:
-    """A must-be-forgotten probe; skipped (never a pass) when the model did not recall it before the edit."""
+PRIOR_NOTE = "; also for an invented subject (a prior)"
+
+
+def _gone(name: str, kind: str, p: Probe, b: Probe | None, crit: Criteria, known: bool = True,
+          prior: Probe | None = None) -> ProbeResult:
+    """A must-be-forgotten probe; skipped (never a pass) when the model did not recall it before the edit.
+
+    ``prior`` is the same model's probe with the subject invented; a recall it shares is named a
+    prior in the detail, and still fails (the model still says the target).
+    """
+    is_prior = None if prior is None else crit.recalled(prior)
     if not known or (b is not None and not crit.recalled(b)):
-        return ProbeResult(name, kind, None, NOT_KNOWN, p.rank, p.prob_first, p.prob, b.rank if b else None)
+        return ProbeResult(name, kind, None, NOT_KNOWN, p.rank, p.prob_first, p.prob, b.rank if b else None,
+                           prior=is_prior)
     rec = crit.recalled(p)
-    return ProbeResult(name, kind, not rec, f"recalled: rank {p.rank}, p={p.prob:.3g}" if rec
-                       else f"forgotten: rank {p.rank}, p={p.prob:.3g}", p.rank, p.prob_first, p.prob,
-                       b.rank if b else None)
+    detail = (f"recalled: rank {p.rank}, p={p.prob:.3g}" + (PRIOR_NOTE if is_prior else "") if rec
+              else f"forgotten: rank {p.rank}, p={p.prob:.3g}")
+    return ProbeResult(name, kind, not rec, detail, p.rank, p.prob_first, p.prob, b.rank if b else None,
+                       prior=is_prior)
+
+
+def _at(xs: list, i: int):
+    """``xs[i]``, or None past its end (a Measure built without priors)."""
+    return xs[i] if i < len(xs) else None
 
 
 def _status(forget: ProbeResult) -> str:
@@ -190,14 +215,16 @@ def judge(requests: list, retain: list, after: Measure, base: Measure | None, cr
         tag = f"{r.id}{short_hash(r.target)}"
         b = base  # short name: used on every probe below
         forget = _gone(f"{tag}/forget", "forget", after.forget[i], b.forget[i] if b else None, crit,
-                       known=r.id not in unknown)
+                       known=r.id not in unknown, prior=_at(after.priors, i))
         said = says(after.continuation[i], r.target)
         greedy = ProbeResult(f"{tag}/greedy", "greedy", not said, "greedy text still says the target" if said
                              else "greedy text does not say the target")
         if forget.passed is None:
             greedy.passed, greedy.detail = None, NOT_KNOWN
         probes = [forget, greedy]
-        probes += [_gone(f"{tag}/paraphrase-{j + 1}", "paraphrase", p, b.para[i][j] if b else None, crit)
+        para_priors = _at(after.para_priors, i) or []
+        probes += [_gone(f"{tag}/paraphrase-{j + 1}", "paraphrase", p, b.para[i][j] if b else None, crit,
+                         prior=_at(para_priors, j))
                    for j, p in enumerate(after.para[i])]
         probes += [_kept(f"{tag}/neighbor-{j + 1}", "neighbor", p, b.nbr[i][j] if b else None)
                    for j, p in enumerate(after.nbr[i])]
@@ -245,46 +272,3 @@ def deep_report(requests: list, after: Measure, base: Measure | None, crit: Crit
 
     return {"k": crit.deep_k, "decodable_after": count(after), "decodable_before": count(base) if base else None,
             "ranks": {out.redact(r.target, r.id): ranks for r, ranks in zip(requests, after.lens or [])}}
-
-
-def judge_attacks(requests: list, forget: list[ProbeResult], after, base, crit: Criteria,
-                  notes: dict[str, str]) -> tuple[list[ProbeResult], list[dict[str, Any]]]:
-    """Verdicts of ``--attack`` probes: each must still be forgotten, like the plain probe.
-
-    A request whose plain probe was skipped (not recalled before the edit) is skipped under every
-    attack too; with ``--baseline``, a quantised probe the base model quantised the same way does
-    not recall either is skipped (the format lost it, not the edit). ``relearn-control`` (the same
-    fine-tuning budget spent on kept facts) is reported, not judged.
-
-    Args:
-        forget: the plain ``forget`` verdict of each request (its skip decides the attacks').
-        after, base: attacks.AttackMeasure of the checkpoint and of the baseline (or None).
-
-    Returns:
-        (verdicts, per attack ``{"attack", "probed", "recalled", "recalled_pct", "base_recalled", "note"}``).
-    """
-    verdicts, summary = [], []
-    for name, rows in after.probes.items():
-        judged = name != "relearn-control"
-        recalled = probed = base_recalled = 0
-        for i, (r, row) in enumerate(zip(requests, rows)):
-            tag = f"{r.id}{short_hash(r.target)}"
-            for j, (label, p) in enumerate(row):
-                b = base.probes[name][i][j][1] if base is not None and name in base.probes else None
-                hit = p.rank <= crit.max_rank if name == "lens" else crit.recalled(p)
-                skip = forget[i].passed is None or (b is not None and not crit.recalled(b))
-                if not skip:
-                    probed += 1
-                    recalled += hit
-                    base_recalled += b is not None and crit.recalled(b)
-                if judged:
-                    verdicts.append(ProbeResult(
-                        f"{tag}/{name}/{label}", f"attack-{name.split('-')[0]}", None if skip else not hit,
-                        (NOT_KNOWN if forget[i].passed is None else "base model does not recall it so either")
-                        if skip else f"{'recalled' if hit else 'forgotten'}: rank {p.rank}", p.rank,
-                        p.prob_first, p.prob, b.rank if b else None))
-        summary.append({"attack": name, "judged": judged, "probed": probed, "recalled": recalled,
-                        "recalled_pct": round(100 * recalled / probed, 1) if probed else None,
-                        "base_recalled": base_recalled if base is not None and name in base.probes else None,
-                        "note": notes.get(name.split("-")[0], "")})
-    return verdicts, summary
