@@ -98,20 +98,22 @@ def _queries(r) -> list[tuple[str, str, str, str | None]]:
                                                           for j, p in enumerate(r.paraphrases)]
 
 
-def _probe_all(model, tok, rows: list[list[tuple[str, str, str, str | None]]]) -> list[Row]:
+def _probe_all(model, tok, rows: list[list[tuple[str, str, str, str | None]]], priors: bool = True) -> list[Row]:
     """Probe nested (label, prompt, target, subject) rows in one batch, each with its invented-subject
-    probe, keeping the nesting."""
-    flat, priors = probe_priors(model, tok, [(p, t, s) for row in rows for _, p, t, s in row])
+    probe unless ``priors`` is false, keeping the nesting."""
+    flat, fakes = probe_priors(model, tok, [(p, t, s if priors else None) for row in rows for _, p, t, s in row])
     out, i = [], 0
     for row in rows:
-        out.append([(q[0], flat[i + j], priors[i + j]) for j, q in enumerate(row)])
+        out.append([(q[0], flat[i + j], fakes[i + j]) for j, q in enumerate(row)])
         i += len(row)
     return out
 
 
 @torch.no_grad()
-def quant(model, tok, requests: list, formats: tuple[str, ...]) -> dict[str, list[Row]]:
+def quant(model, tok, requests: list, formats: tuple[str, ...], priors: bool = True) -> dict[str, list[Row]]:
     """Per format: the prompts and paraphrases probed on the model with every linear weight round-tripped.
+
+    ``priors``: probe each about an invented subject too (the baseline's are not judged).
 
     The weights are restored afterwards (one format's quantised copies are held at a time).
     Embeddings stay as they are (GGUF files usually keep them at higher precision too), and so
@@ -123,7 +125,7 @@ def quant(model, tok, requests: list, formats: tuple[str, ...]) -> dict[str, lis
     out = {}
     for fmt in formats:
         with Quantised(model, fmt).swapped():
-            out[fmt] = _probe_all(model, tok, [_queries(r) for r in requests])
+            out[fmt] = _probe_all(model, tok, [_queries(r) for r in requests], priors)
     return out
 
 
@@ -223,18 +225,19 @@ def lens_after(model, tok, spec, requests: list, from_layer: int) -> list[list[i
 
 
 def run(model, tok, spec, requests: list, attacks: list[str], settings: AttackSettings,
-        edited_layers: list[int] | None) -> AttackMeasure:
+        edited_layers: list[int] | None, priors: bool = True) -> AttackMeasure:
     """Every asked attack on one loaded model (the model is left as it was).
 
     Args:
         edited_layers: the manifest's edited layers (the lens looks after the last), or None.
+        priors: probe about an invented subject too (off for a baseline, whose priors are not judged).
     """
     m = AttackMeasure()
     if "quant" in attacks:
         formats, note = resolve_formats(settings.quant_formats)
         if note:
             m.notes["quant"] = note
-        for fmt, rows in quant(model, tok, requests, formats).items():
+        for fmt, rows in quant(model, tok, requests, formats, priors).items():
             m.probes[f"quant-{fmt}"] = rows
     if "prompt" in attacks:
         m.probes["prompt"] = prompt_wrappers(model, tok, requests)

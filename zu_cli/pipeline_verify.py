@@ -88,7 +88,8 @@ def run_verify(opts: VerifyOptions, out: Output, on_integrity: Callable[[Any], N
         with out.stage(f"loading {c.name}"):
             model, tok = load_model(c, opts.device_map, None, None, opts.dtype)
         with out.stage(f"probing {c.name} ({len(requests)} requests, {len(retain)} retained facts)"):
-            measured[role] = measure(model, tok, c.spec, requests, retain, text, opts.deep, crit)
+            measured[role] = measure(model, tok, c.spec, requests, retain, text, opts.deep, crit,
+                                     priors=role == "after")
         if opts.attacks:
             attacked[role] = _attack(model, tok, c, requests, opts, stmt, role, out)
         del model  # one model in memory at a time
@@ -115,7 +116,8 @@ def _attack(model, tok, c, requests: list, opts: VerifyOptions, stmt, role: str,
     asked = opts.attacks if role == "after" else [a for a in opts.attacks if a == "quant"]
     layers = (stmt or {}).get("predicate", {}).get("edit", {}).get("layers")
     with out.stage(f"attacking {c.name}: {', '.join(asked) or 'nothing'}"):
-        return run(model, tok, c.spec, requests, asked, opts.attack_settings or AttackSettings(), layers)
+        return run(model, tok, c.spec, requests, asked, opts.attack_settings or AttackSettings(), layers,
+                   priors=role == "after")
 
 
 def run_prove(model: Path, receipt: Path, forget: Path, out: Output) -> list[dict[str, Any]]:

@@ -49,13 +49,14 @@ class Measure:
     retain: list[Probe]
     ppl: float | None = None
     lens: list[list[int]] | None = None
-    # The forget prompts and paraphrases about an invented subject (probes.probe_priors); None
-    # where the text does not hold the request's subject.
+    # The forget prompts and paraphrases about an invented subject (probes.probe_priors), in the
+    # order of ``forget`` and ``para``; None where nothing was invented (no subject in the text).
     priors: list[Probe | None] = field(default_factory=list)
     para_priors: list[list[Probe | None]] = field(default_factory=list)
 
 
-def measure(model, tok, spec, requests: list, retain: list, text: str | None, deep: bool, crit: Criteria) -> Measure:
+def measure(model, tok, spec, requests: list, retain: list, text: str | None, deep: bool, crit: Criteria,
+            priors: bool = True) -> Measure:
     """Every probe of ``zu verify`` on one model, batched by kind.
 
     Args:
@@ -65,11 +66,15 @@ def measure(model, tok, spec, requests: list, retain: list, text: str | None, de
         text: prose for perplexity, or None.
         deep: run the logit lens.
         crit: the criteria (greedy length).
+        priors: probe the prompts and paraphrases about an invented subject too (off for a
+            baseline, whose priors are not judged).
     """
     from .text import encode_target
 
-    forget, priors = probe_priors(model, tok, [(r.prompt, r.target, r.subject) for r in requests])
-    pp, para_priors = probe_priors(model, tok, [(p, r.target, r.subject) for r in requests for p in r.paraphrases])
+    subjects = [r.subject if priors else None for r in requests]  # None: nothing is invented
+    forget, fakes = probe_priors(model, tok, [(r.prompt, r.target, s) for r, s in zip(requests, subjects)])
+    pp, para_fakes = probe_priors(model, tok, [(p, r.target, s) for r, s in zip(requests, subjects)
+                                               for p in r.paraphrases])
     nn = probe(model, tok, [(n.prompt, n.target) for r in requests for n in r.neighbors])
 
     def split(flat, sizes):
@@ -90,7 +95,7 @@ def measure(model, tok, spec, requests: list, retain: list, text: str | None, de
         ppl=perplexity(model, tok, text) if text else None,
         lens=lens_ranks(model, tok, spec, [r.prompt for r in requests], [r.target for r in requests]) if deep
         else None,
-        priors=priors, para_priors=split(para_priors, sizes))
+        priors=fakes, para_priors=split(para_fakes, sizes))
 
 
 @dataclass
@@ -186,11 +191,6 @@ def _gone(name: str, kind: str, p: Probe, b: Probe | None, crit: Criteria, known
                        prior=is_prior)
 
 
-def _at(xs: list, i: int):
-    """``xs[i]``, or None past its end (a Measure built without priors)."""
-    return xs[i] if i < len(xs) else None
-
-
 def _status(forget: ProbeResult) -> str:
     """A request's outcome from its ``forget`` probe: forgotten, still recalled, or not recalled before."""
     return NOT_KNOWN if forget.passed is None else "forgotten" if forget.passed else "still recalled"
@@ -215,16 +215,15 @@ def judge(requests: list, retain: list, after: Measure, base: Measure | None, cr
         tag = f"{r.id}{short_hash(r.target)}"
         b = base  # short name: used on every probe below
         forget = _gone(f"{tag}/forget", "forget", after.forget[i], b.forget[i] if b else None, crit,
-                       known=r.id not in unknown, prior=_at(after.priors, i))
+                       known=r.id not in unknown, prior=after.priors[i])
         said = says(after.continuation[i], r.target)
         greedy = ProbeResult(f"{tag}/greedy", "greedy", not said, "greedy text still says the target" if said
                              else "greedy text does not say the target")
         if forget.passed is None:
             greedy.passed, greedy.detail = None, NOT_KNOWN
         probes = [forget, greedy]
-        para_priors = _at(after.para_priors, i) or []
         probes += [_gone(f"{tag}/paraphrase-{j + 1}", "paraphrase", p, b.para[i][j] if b else None, crit,
-                         prior=_at(para_priors, j))
+                         prior=after.para_priors[i][j])
                    for j, p in enumerate(after.para[i])]
         probes += [_kept(f"{tag}/neighbor-{j + 1}", "neighbor", p, b.nbr[i][j] if b else None)
                    for j, p in enumerate(after.nbr[i])]
