@@ -19,6 +19,9 @@ def test_invented_subject_replaces_the_last_word_only():
         "The mother tongue of Aleksandr Zorbin is"
     assert invented("Paracelsus", "Paracelsus works in the area of") == "Zorbin works in the area of"
     assert invented("Paracelsus", "Michio Kaku works in the area of") is None  # a neighbour: not asked
+    assert invented("Edward Teller", "Teller worked on") is None  # the text must hold the whole subject
+    assert invented(None, "anything") is None
+    assert invented("Edward Teller", "Edward Teller's field is", "Mertz") == "Edward Mertz's field is"
     kinds = probes_of([{"subject": "A B", "prompt": "A B is", "target": "x", "paraphrases": ["So A B is"],
                         "neighbors": [{"prompt": "C is", "target": "y"}]}])
     assert {k: len(v) for k, v in kinds.items()} == {"prompt": 1, "paraphrase": 1, "neighbour": 1}

@@ -1,5 +1,6 @@
 """Priors in `zu verify`: each must-be-forgotten probe is asked again about an invented subject, so
-a recall the rest of the prompt explains is named as such (docs/verify.md, "Priors")."""
+a recall the rest of the prompt explains is named as such (docs/verify.md, "Priors"). The rule that
+invents the subject is tested with the bench that shares it (test_bench_tools.py)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,6 @@ from typer.testing import CliRunner
 from zu_cli.cli import app
 
 runner = CliRunner()
-
-
-def test_invented_subject_replaces_the_last_word_only():
-    from zu_cli.probes import invented
-
-    assert invented("Edward Teller", "Edward Teller's expertise is in the field of nuclear") == \
-        "Edward Zorbin's expertise is in the field of nuclear"
-    assert invented("Paracelsus", "Paracelsus was born in") == "Zorbin was born in"
-    assert invented("Edward Teller", "Teller worked on") is None  # the text must hold the whole subject
-    assert invented(None, "anything") is None
 
 
 @pytest.fixture(scope="module")

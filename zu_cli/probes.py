@@ -66,26 +66,28 @@ def probe(model, tok, queries: list[tuple[str, str]]) -> list[Probe]:
 INVENTED = "Zorbin"
 
 
-def invented(subject: str | None, text: str) -> str | None:
-    """``text`` about an invented subject: ``subject``'s last word replaced by ``INVENTED``.
+def invented(subject: str | None, text: str, name: str = INVENTED) -> str | None:
+    """``text`` about an invented subject: ``subject``'s last word replaced by ``name``.
 
     Returns:
         The new text, or None when there is no subject or ``text`` does not hold it.
     """
     if not subject or subject not in text:
         return None
-    return text.replace(subject, " ".join(subject.split()[:-1] + [INVENTED]))
+    return text.replace(subject, " ".join(subject.split()[:-1] + [name]))
 
 
-def probe_priors(model, tok, queries: list[tuple[str, str, str | None]]) -> tuple[list[Probe], list[Probe | None]]:
-    """Probe (prompt, target, subject) triples, and each prompt again about an invented subject.
+def probe_priors(model, tok, queries: list[tuple[str, str, str | None]],
+                 name: str = INVENTED) -> tuple[list[Probe], list[Probe | None]]:
+    """Probe (prompt, target, subject) triples, and each prompt again about an invented subject
+    (``invented`` with ``name``).
 
     One batch holds both, so the cost is one ``probe`` call.
 
     Returns:
         (the probes, the invented subject's probes: None where the prompt does not hold the subject).
     """
-    fake = [invented(s, q) for q, _, s in queries]
+    fake = [invented(s, q, name) for q, _, s in queries]
     asked = [i for i, f in enumerate(fake) if f is not None]
     flat = probe(model, tok, [(q, t) for q, t, _ in queries] + [(fake[i], queries[i][1]) for i in asked])
     priors: list[Probe | None] = [None] * len(queries)
