@@ -8,9 +8,10 @@ Neighbours are counted but not asked (the file does not name their subjects). A 
 recalls for the real subject *and* for the invented one is a *prior*: the answer follows from the
 rest of the name or from the relation, not from this subject, and no edit that forgets this one
 fact removes it. Prints one JSON document: per probe
-kind, how many the model recalls and how many of those are priors (``--list``: which). With
-``--names``, each invented name is tried in turn (the first is zu verify's) and the document adds,
-per kind, the priors under each name and how many are priors under all of them and under any.
+kind, how many the model recalls and how many of those are priors under the first name
+(``--list``: which). With several ``--names`` (default: zu verify's three), the document adds, per
+kind, the priors under each name and how many are priors under all of them (what ``zu verify``
+calls a prior, with its names) and under any.
 """
 
 from __future__ import annotations
@@ -32,15 +33,15 @@ def probes_of(facts: list[dict]) -> dict[str, list[tuple[str, str, str]]]:
             "neighbour": [(f["subject"], n["prompt"], n["target"]) for f in facts for n in f.get("neighbors", [])]}
 
 
-def priors(model, tok, rows: list[tuple[str, str, str]], name: str = INVENTED) -> tuple[list[bool], list[bool]]:
+def priors(model, tok, rows: list[tuple[str, str, str]], name: str = INVENTED[0]) -> tuple[list[bool], list[bool]]:
     """Per (subject, prompt, target): (recalled, recalled for the subject invented with ``name`` as well)."""
     from zu_cli.probes import probe_priors
     from zu_cli.verdicts import Criteria
 
     crit = Criteria()
-    real, fake = probe_priors(model, tok, [(q, t, s) for s, q, t in rows], name)
+    real, fakes = probe_priors(model, tok, [(q, t, s) for s, q, t in rows], (name,))
     rec = [crit.recalled(p) for p in real]
-    return rec, [r and f is not None and crit.recalled(f) for r, f in zip(rec, fake)]
+    return rec, [r and f is not None and crit.recalled(f[0]) for r, f in zip(rec, fakes)]
 
 
 def main() -> int:
@@ -52,7 +53,8 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--list", action="store_true", help="name the prior probes")
-    ap.add_argument("--names", default=INVENTED, help="invented names to try, comma-separated")
+    ap.add_argument("--names", default=",".join(INVENTED), help="invented names to try, comma-separated "
+                    "(default: zu verify's, whose prior is a prior under all of them)")
     a = ap.parse_args()
     facts = [json.loads(line) for line in open(a.facts)][a.offset:a.offset + a.n]
     tok = AutoTokenizer.from_pretrained(a.model)

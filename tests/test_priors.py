@@ -27,16 +27,21 @@ def probes(fact_model_dir, tmp_path_factory):
     return path, picked
 
 
+NAMES = ("Zorbin", "Quellan", "Mertz")  # zu verify's invented names, written out
+
+
 def _expected(model_dir, picked) -> list[bool]:
-    """Per fact, prompt then paraphrase: recalled with the subject written as "Zorbin" by hand."""
+    """Per fact, prompt then paraphrase: recalled with the subject written as each invented name by
+    hand, for every name."""
     from zu_cli.checkpoint import open_checkpoint
     from zu_cli.loading import load_model
     from zu_cli.probes import probe
     from zu_cli.verdicts import Criteria
 
     model, tok = load_model(open_checkpoint(model_dir), device_map="cpu", dtype="float32")
-    qs = [(f.prompt(t).replace(f.subject, "Zorbin"), f.answer) for f in picked for t in (0, 1)]
-    return [Criteria().recalled(p) for p in probe(model, tok, qs)]
+    qs = [(f.prompt(t).replace(f.subject, n), f.answer) for f in picked for t in (0, 1) for n in NAMES]
+    rec = [Criteria().recalled(p) for p in probe(model, tok, qs)]
+    return [all(rec[i:i + len(NAMES)]) for i in range(0, len(rec), len(NAMES))]
 
 
 def test_verify_reports_each_recalled_probes_prior(fact_model_dir, probes):
@@ -56,7 +61,7 @@ def test_verify_reports_each_recalled_probes_prior(fact_model_dir, probes):
     for r in doc["requests"]:
         for p in r["probes"]:
             if p["kind"] in ("forget", "paraphrase"):
-                assert p["passed"] is False and ("invented subject" in p["detail"]) == p["prior"]
+                assert p["passed"] is False and ("invented subjects" in p["detail"]) == p["prior"]
             else:
                 assert p["prior"] is None
 
@@ -101,4 +106,4 @@ def test_verdict_line_counts_failures_that_are_priors():
         ProbeResult("a/paraphrase-1", "paraphrase", False, "recalled", prior=False),
         ProbeResult("a/paraphrase-2", "paraphrase", True, "forgotten", prior=True)]}])
     line = verdict_line(report)
-    assert "1 of the failures also answered for an invented subject" in line and "exit 1" in line
+    assert "1 of the failures also answered for invented subjects" in line and "exit 1" in line

@@ -64,12 +64,15 @@ def test_zu_verify_on_smollm2(smollm2, edit10, tmp_path):
 
     assert len(ET.parse(junit).getroot().findall("testcase")) == len(probes) + 1
     assert len(doc["deep"]["decodable_after"]) == 30
-    # Priors: the unedited model's answers for an invented subject ("Edward Zorbin"), as a direct probe
-    # of that text gives them; some of these facts follow from the rest of the prompt, most do not
+    # Priors: the unedited model's answers for invented subjects ("Edward Zorbin", "Edward Quellan",
+    # "Edward Mertz"), as direct probes of those texts give them; some of these facts follow from the
+    # rest of the prompt, most do not
     model, tok = load_model(open_checkpoint(smollm2), device_map="cpu", dtype="float32")
-    fake = [(f["prompt"].replace(f["subject"], " ".join(f["subject"].split()[:-1] + ["Zorbin"])), f["target"])
-            for f in FACTS[:10]]
-    expected = [Criteria().recalled(p) for p in probe(model, tok, fake)]
+    names = ("Zorbin", "Quellan", "Mertz")
+    fake = [(f["prompt"].replace(f["subject"], " ".join(f["subject"].split()[:-1] + [n])), f["target"])
+            for f in FACTS[:10] for n in names]
+    rec = [Criteria().recalled(p) for p in probe(model, tok, fake)]
+    expected = [all(rec[i:i + len(names)]) for i in range(0, len(rec), len(names))]
     got = [next(p for p in r["probes"] if p["kind"] == "forget")["prior"] for r in base["requests"]]
     assert got == expected and 0 < sum(got) < 10, got
     for f in FACTS[:10]:  # nothing sensitive in any output without --reveal

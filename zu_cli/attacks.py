@@ -47,9 +47,9 @@ class AttackSettings:
     seed: int = 0
 
 
-# One request's probes under an attack: (label, Probe, the same probe with the subject invented or
-# None; probes.probe_priors).
-Row = list[tuple[str, Probe, Probe | None]]
+# One request's probes under an attack: (label, Probe, the same probe with the subject invented,
+# one per name, or None; probes.probe_priors).
+Row = list[tuple[str, Probe, list[Probe] | None]]
 
 
 @dataclass

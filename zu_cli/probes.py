@@ -60,13 +60,15 @@ def probe(model, tok, queries: list[tuple[str, str]]) -> list[Probe]:
     return res  # type: ignore[return-value]
 
 
-# The invented name that stands in for a subject's last word ("Edward Teller" -> "Edward Zorbin"):
-# a made-up word, so a model that still gives the target for it gets the answer from the rest of
-# the prompt (the first name, the relation, a word like "nuclear"), not from this subject.
-INVENTED = "Zorbin"
+# Invented names that stand in for a subject's last word ("Edward Teller" -> "Edward Zorbin"): a
+# model that still gives the target for every one of them gets the answer from the rest of the
+# prompt (the first name, the relation, a word like "nuclear"), not from this subject. Several,
+# because a name carries clues of its own (docs/results.md, "Which revivals are priors": on
+# SmolLM2's 50 first dev prompts one name finds 12-18 priors, all of these three 13).
+INVENTED = ("Zorbin", "Quellan", "Mertz")
 
 
-def invented(subject: str | None, text: str, name: str = INVENTED) -> str | None:
+def invented(subject: str | None, text: str, name: str = INVENTED[0]) -> str | None:
     """``text`` about an invented subject: ``subject``'s last word replaced by ``name``.
 
     Returns:
@@ -78,21 +80,23 @@ def invented(subject: str | None, text: str, name: str = INVENTED) -> str | None
 
 
 def probe_priors(model, tok, queries: list[tuple[str, str, str | None]],
-                 name: str = INVENTED) -> tuple[list[Probe], list[Probe | None]]:
-    """Probe (prompt, target, subject) triples, and each prompt again about an invented subject
-    (``invented`` with ``name``).
+                 names: tuple[str, ...] = INVENTED) -> tuple[list[Probe], list[list[Probe] | None]]:
+    """Probe (prompt, target, subject) triples, and each prompt again about an invented subject per
+    name in ``names`` (``invented``).
 
-    One batch holds both, so the cost is one ``probe`` call.
+    One batch holds them all, so the cost is one ``probe`` call of (1 + len(names)) times the rows.
 
     Returns:
-        (the probes, the invented subject's probes: None where the prompt does not hold the subject).
+        (the probes, per query the invented subjects' probes in ``names`` order: None where the
+        prompt does not hold the subject).
     """
-    fake = [invented(s, q, name) for q, _, s in queries]
-    asked = [i for i, f in enumerate(fake) if f is not None]
-    flat = probe(model, tok, [(q, t) for q, t, _ in queries] + [(fake[i], queries[i][1]) for i in asked])
-    priors: list[Probe | None] = [None] * len(queries)
-    for i, p in zip(asked, flat[len(queries):]):
-        priors[i] = p
+    asked = [i for i, (q, _, s) in enumerate(queries) if invented(s, q) is not None]
+    fakes = [(invented(queries[i][2], queries[i][0], n), queries[i][1]) for i in asked for n in names]
+    flat = probe(model, tok, [(q, t) for q, t, _ in queries] + fakes)
+    priors: list[list[Probe] | None] = [None] * len(queries)
+    rest = flat[len(queries):]
+    for k, i in enumerate(asked):
+        priors[i] = rest[k * len(names):(k + 1) * len(names)]
     return flat[:len(queries)], priors
 
 

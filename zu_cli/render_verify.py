@@ -111,7 +111,7 @@ def verdict_line(report) -> str:
         parts.append(f"{s['passed']} probes passed, {s['failed']} failed, {s['skipped']} skipped")
     priors = sum(p.passed is False and p.prior is True for p in report.all_probes())
     if priors:
-        parts.append(f"{priors} of the failures also answered for an invented subject (priors, docs/verify.md)")
+        parts.append(f"{priors} of the failures also answered for invented subjects (priors, docs/verify.md)")
     head = "[bold green]verify: ok[/bold green]" if code == 0 else "[bold red]verify: FAILED[/bold red]"
     return f"{head} (exit {code}): " + ("; ".join(parts) or "integrity only")
 

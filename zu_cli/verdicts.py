@@ -49,10 +49,10 @@ class Measure:
     retain: list[Probe]
     ppl: float | None = None
     lens: list[list[int]] | None = None
-    # The forget prompts and paraphrases about an invented subject (probes.probe_priors), in the
+    # The forget prompts and paraphrases about invented subjects (probes.probe_priors), in the
     # order of ``forget`` and ``para``; None where nothing was invented (no subject in the text).
-    priors: list[Probe | None] = field(default_factory=list)
-    para_priors: list[list[Probe | None]] = field(default_factory=list)
+    priors: list[list[Probe] | None] = field(default_factory=list)
+    para_priors: list[list[list[Probe] | None]] = field(default_factory=list)
 
 
 def measure(model, tok, spec, requests: list, retain: list, text: str | None, deep: bool, crit: Criteria,
@@ -112,8 +112,8 @@ class ProbeResult:
     base_rank: int | None = None
     text: str | None = None  # sensitive: only filled with --reveal
     # A must-be-forgotten probe: whether the same model also gives the target with the subject's
-    # last word invented (a "prior": the answer follows from the rest of the prompt); None when
-    # the probe's text does not hold the subject, or for other kinds.
+    # last word invented, for every name in probes.INVENTED (a "prior": the answer follows from the
+    # rest of the prompt); None when the probe's text does not hold the subject, or other kinds.
     prior: bool | None = None
 
 
@@ -170,25 +170,30 @@ def _kept(name: str, kind: str, p: Probe, b: Probe | None) -> ProbeResult:
                        p.rank, p.prob_first, p.prob, b.rank if b else None)
 
 
-PRIOR_NOTE = "; also for an invented subject (a prior)"
+PRIOR_NOTE = "; also for invented subjects (a prior)"
+
+
+def is_prior(fakes: list[Probe] | None, crit: Criteria) -> bool | None:
+    """Whether the target is recalled for every invented subject (None: nothing was invented)."""
+    return None if fakes is None else all(crit.recalled(f) for f in fakes)
 
 
 def _gone(name: str, kind: str, p: Probe, b: Probe | None, crit: Criteria, known: bool = True,
-          prior: Probe | None = None) -> ProbeResult:
+          fakes: list[Probe] | None = None) -> ProbeResult:
     """A must-be-forgotten probe; skipped (never a pass) when the model did not recall it before the edit.
 
-    ``prior`` is the same model's probe with the subject invented; a recall it shares is named a
-    prior in the detail, and still fails (the model still says the target).
+    ``fakes`` are the same model's probes with the subject invented; a recall they all share is
+    named a prior in the detail, and still fails (the model still says the target).
     """
-    is_prior = None if prior is None else crit.recalled(prior)
+    prior = is_prior(fakes, crit)
     if not known or (b is not None and not crit.recalled(b)):
         return ProbeResult(name, kind, None, NOT_KNOWN, p.rank, p.prob_first, p.prob, b.rank if b else None,
-                           prior=is_prior)
+                           prior=prior)
     rec = crit.recalled(p)
-    detail = (f"recalled: rank {p.rank}, p={p.prob:.3g}" + (PRIOR_NOTE if is_prior else "") if rec
+    detail = (f"recalled: rank {p.rank}, p={p.prob:.3g}" + (PRIOR_NOTE if prior else "") if rec
               else f"forgotten: rank {p.rank}, p={p.prob:.3g}")
     return ProbeResult(name, kind, not rec, detail, p.rank, p.prob_first, p.prob, b.rank if b else None,
-                       prior=is_prior)
+                       prior=prior)
 
 
 def _status(forget: ProbeResult) -> str:
@@ -215,7 +220,7 @@ def judge(requests: list, retain: list, after: Measure, base: Measure | None, cr
         tag = f"{r.id}{short_hash(r.target)}"
         b = base  # short name: used on every probe below
         forget = _gone(f"{tag}/forget", "forget", after.forget[i], b.forget[i] if b else None, crit,
-                       known=r.id not in unknown, prior=after.priors[i])
+                       known=r.id not in unknown, fakes=after.priors[i])
         said = says(after.continuation[i], r.target)
         greedy = ProbeResult(f"{tag}/greedy", "greedy", not said, "greedy text still says the target" if said
                              else "greedy text does not say the target")
@@ -223,7 +228,7 @@ def judge(requests: list, retain: list, after: Measure, base: Measure | None, cr
             greedy.passed, greedy.detail = None, NOT_KNOWN
         probes = [forget, greedy]
         probes += [_gone(f"{tag}/paraphrase-{j + 1}", "paraphrase", p, b.para[i][j] if b else None, crit,
-                         prior=after.para_priors[i][j])
+                         fakes=after.para_priors[i][j])
                    for j, p in enumerate(after.para[i])]
         probes += [_kept(f"{tag}/neighbor-{j + 1}", "neighbor", p, b.nbr[i][j] if b else None)
                    for j, p in enumerate(after.nbr[i])]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .console import short_hash
-from .verdicts import NOT_KNOWN, PRIOR_NOTE, Criteria, ProbeResult
+from .verdicts import NOT_KNOWN, PRIOR_NOTE, Criteria, ProbeResult, is_prior
 
 
 def judge_attacks(requests: list, forget: list[ProbeResult], after, base, crit: Criteria,
@@ -24,7 +24,7 @@ def judge_attacks(requests: list, forget: list[ProbeResult], after, base, crit: 
     Returns:
         (verdicts, per attack ``{"attack", "probed", "recalled", "recalled_pct", "recalled_prior",
         "base_recalled", "note"}``); ``recalled_prior`` counts the recalled probes that the attacked
-        model also answers for an invented subject.
+        model also answers for every invented subject.
     """
     verdicts, summary = [], []
     for name, rows in after.probes.items():
@@ -32,10 +32,10 @@ def judge_attacks(requests: list, forget: list[ProbeResult], after, base, crit: 
         recalled = probed = base_recalled = priors = 0
         for i, (r, row) in enumerate(zip(requests, rows)):
             tag = f"{r.id}{short_hash(r.target)}"
-            for j, (label, p, fake) in enumerate(row):
+            for j, (label, p, fakes) in enumerate(row):
                 b = base.probes[name][i][j][1] if base is not None and name in base.probes else None
                 hit = p.rank <= crit.max_rank if name == "lens" else crit.recalled(p)
-                prior = None if fake is None else crit.recalled(fake)
+                prior = is_prior(fakes, crit)
                 skip = forget[i].passed is None or (b is not None and not crit.recalled(b))
                 if not skip:
                     probed += 1
