@@ -33,15 +33,18 @@ def probes_of(facts: list[dict]) -> dict[str, list[tuple[str, str, str]]]:
             "neighbour": [(f["subject"], n["prompt"], n["target"]) for f in facts for n in f.get("neighbors", [])]}
 
 
-def priors(model, tok, rows: list[tuple[str, str, str]], name: str = INVENTED[0]) -> tuple[list[bool], list[bool]]:
-    """Per (subject, prompt, target): (recalled, recalled for the subject invented with ``name`` as well)."""
+def priors(model, tok, rows: list[tuple[str, str, str]],
+           names: tuple[str, ...] = INVENTED) -> tuple[list[bool], list[list[bool]]]:
+    """Per (subject, prompt, target): recalled; and per name, recalled for the subject invented with
+    that name as well (one batch for all)."""
     from zu_cli.probes import probe_priors
     from zu_cli.verdicts import Criteria
 
     crit = Criteria()
-    real, fakes = probe_priors(model, tok, [(q, t, s) for s, q, t in rows], (name,))
+    real, fakes = probe_priors(model, tok, [(q, t, s) for s, q, t in rows], names)
     rec = [crit.recalled(p) for p in real]
-    return rec, [r and f is not None and crit.recalled(f[0]) for r, f in zip(rec, fakes)]
+    return rec, [[r and f is not None and crit.recalled(f[k]) for r, f in zip(rec, fakes)]
+                 for k in range(len(names))]
 
 
 def main() -> int:
@@ -62,15 +65,15 @@ def main() -> int:
     doc = {"model": a.model, "facts": a.facts, "n": len(facts), "offset": a.offset, "kinds": {}}
     names = [n.strip() for n in a.names.split(",") if n.strip()]
     for kind, rows in probes_of(facts).items():
-        real, both = priors(model, tok, rows, names[0])
+        real, each = priors(model, tok, rows, tuple(names))
+        both = each[0]
         entry = {"probes": len(rows), "recalled": sum(real), "prior": sum(both)}
         if len(names) > 1:
-            each = [both] + [priors(model, tok, rows, n)[1] for n in names[1:]]
             entry["prior_by_name"] = {n: sum(b) for n, b in zip(names, each)}
             entry["prior_under_all"] = sum(all(col) for col in zip(*each))
             entry["prior_under_any"] = sum(any(col) for col in zip(*each))
         if a.list:
-            entry["priors"] = [f"{q} -> {t} ({invented(s, q)})" for (s, q, t), b in zip(rows, both) if b]
+            entry["priors"] = [f"{q} -> {t} ({invented(s, q, names[0])})" for (s, q, t), b in zip(rows, both) if b]
         doc["kinds"][kind] = entry
     print(json.dumps(doc, indent=1))
     return 0

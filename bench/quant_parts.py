@@ -33,11 +33,11 @@ def part_of(spec, layers: list[int], part: str):
 
     def which(name: str) -> bool:
         l = layer(name)
+        down = l is not None and lo <= l <= hi and name == spec.down_proj_module(l)
         return {"all": True, "none": False, "head": l is None,
                 "below": l is not None and l < lo, "above": l is not None and l > hi,
                 "edited": l is not None and lo <= l <= hi,
-                "edited-down": l is not None and lo <= l <= hi and name == spec.down_proj_module(l),
-                "not-edited-down": not (l is not None and lo <= l <= hi and name == spec.down_proj_module(l))}[part]
+                "edited-down": down, "not-edited-down": not down}[part]
     return which
 
 

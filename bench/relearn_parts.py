@@ -80,7 +80,7 @@ def main() -> int:
     queries = [(q, t) for _, q, t in rows]
     tok = AutoTokenizer.from_pretrained(a.base)
     base = AutoModelForCausalLM.from_pretrained(a.base, dtype="float32").eval()
-    real, both = priors(base, tok, rows)  # recalled by the base; and for an invented subject too
+    real, (both,) = priors(base, tok, rows, ("Zorbin",))  # recalled by the base; and for an invented subject too
     del base
     judged = [i for i, r in enumerate(real) if r]
     prior = {i for i, b in enumerate(both) if b} if a.prior else set()
