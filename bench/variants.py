@@ -44,7 +44,7 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
 
     from zu_cli import edit, update
     from zu_cli.arch import num_layers
-    from zu_cli.calibrate import MULTI_EXTRA, default_window, load_profile, settings
+    from zu_cli.calibrate import default_window, load_profile, multi_window, settings
     from zu_cli.checkpoint import open_checkpoint
     from zu_cli.loading import load_model
     from zu_cli.console import silent
@@ -69,7 +69,7 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
             lay = prof.multi_layers if multi else prof.layers
         else:
             lay = default_window(n_layers)
-            lay = list(range(max(0, lay[0] - MULTI_EXTRA), lay[-1] + 1)) if multi else lay
+            lay = multi_window(lay) if multi else lay
         vhp = hp
         if multi:  # as `zu unlearn --multi --solver ...`: the solver is the user's, the rest may be calibrated
             vhp = dataclasses.replace(hp, solver=v.split("-")[1], explicit=hp.explicit | {"solver"})

@@ -93,6 +93,34 @@ def test_windows_come_from_the_depth_not_from_a_model():
     assert all(w[-1] <= 30 - 9 - 1 for w in candidate_windows(30, [25, 26, 27]))
 
 
+def test_multi_window_starts_where_tracing_finds_the_facts():
+    """--multi's window: five layers from the traced window's first layer (moved up past a layer a
+    window may not hold, and down to keep 30 % of the layers above it); without a traced window,
+    the closed form's extended two layers down."""
+    from zu_cli.calibrate import last_end, multi_window
+
+    assert multi_window([8, 9, 10], 0, [0, 1, 2], 30) == [0, 1, 2, 3, 4]
+    assert multi_window([6, 7, 8], 0, [0, 1, 2], 24) == [0, 1, 2, 3, 4]
+    assert multi_window([8, 9, 10], 1, [0, 1, 2], 30) == [1, 2, 3, 4, 5]
+    assert multi_window([8, 9, 10], 0, [12, 13, 14], 30) == [12, 13, 14, 15, 16]
+    assert multi_window([8, 9, 10], 0, [19, 20, 21], 30)[-1] == last_end(30) == 20
+    assert multi_window([8, 9, 10], 0, None, 30) == multi_window([8, 9, 10]) == [6, 7, 8, 9, 10]
+    assert multi_window([1, 2], 1) == [1, 2]
+
+
+def test_multi_calibration_edits_more_probe_facts():
+    """--multi's weight is chosen on an edit of 24 probe facts, taken in turn from each relation,
+    with 40 others kept as neighbours; a model that knows fewer gets a smaller edit, never below 8."""
+    from zu_cli.probefacts import N_EDIT, N_EDIT_MULTI, N_NEIGHBOURS, ProbeFact, multi_edit_size, split
+
+    assert multi_edit_size(66) == N_EDIT_MULTI == 24 and multi_edit_size(91) == 24
+    assert multi_edit_size(55) == 55 - N_NEIGHBOURS and multi_edit_size(20) == N_EDIT == 8
+    facts = [ProbeFact(f"f{i}", f"r{i % 3}", "S", "p", "t", ()) for i in range(66)]
+    edit, nbrs = split(facts, multi_edit_size(len(facts)))
+    assert len(edit) == 24 and len(nbrs) == N_NEIGHBOURS and not {f.id for f in edit} & {f.id for f in nbrs}
+    assert [f.relation for f in edit[:3]] == ["r0", "r1", "r2"] and split(facts)[0] == edit[:N_EDIT]
+
+
 def test_parallel_blocks_never_edit_layer_0():
     """Where the MLP reads the block input in parallel with attention, layer 0's key at the last token
     is that token's embedding alone: windows move up past it (GPT-J always, NeoX by its flag)."""

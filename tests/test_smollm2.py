@@ -126,10 +126,10 @@ def test_subject_that_is_the_prompts_first_token(smollm2, tmp_path):
 
 def test_smollm2_multi_50_facts_design_targets(smollm2, tmp_path):
     """Issue 3's 50-fact targets, met by ``zu unlearn --multi`` with the settings SmolLM2's
-    calibration chooses (layers 6-10, exact solve, null-space weight 1e5, entity and subject-swap
-    keep-sets; docs/results.md, "Calibration, measured"). Measured with bench/quality.py on the
-    same facts: 98 % forgotten, 6 % of paraphrases, 80 % of neighbours, perplexity +2.85 %
-    (with 1e4, which an earlier rule chose: 73 % of neighbours, +4.5 %); ~10 min here."""
+    calibration chooses (layers 0-4 from causal tracing, exact solve, null-space weight 1e5, the
+    keep-sets; docs/results.md, "--multi at the traced layers"). Measured with bench/quality.py on
+    the same facts: 100 % forgotten, 6 % of paraphrases, 83 % of neighbours, perplexity +2.3 %
+    (at 6-10, the earlier rule's window: 96 %, 10 %, 90 %, +2.7 %); ~10 min here."""
     from zu_cli.calibrate import load_profile
     from realmodel import fingerprint
 

@@ -8,8 +8,9 @@ edit, cached by its weights' fingerprint.
    depths; each is really edited (closed form, in memory) and scored on the forgotten facts,
    their paraphrases, the neighbours and perplexity (probefacts.score). The best wins.
 4. The sensitive-vector kind (``output`` or ``pushed``) on that window, the same way.
-5. ``--multi`` (only when asked): its window (the chosen one extended ``MULTI_EXTRA`` layers down)
-   and its soft null-space weight, among ``MULTI_GENERAL``, on the same facts.
+5. ``--multi`` (only when asked): its window (``MULTI_WIDTH`` layers from the traced window's first
+   layer; without a traced window the chosen one extended ``MULTI_EXTRA`` layers down) and its soft
+   null-space weight, among ``MULTI_GENERAL``, on the same facts.
 
 No request text of the user's enters calibration.
 """
@@ -28,14 +29,15 @@ from .config import Hyper
 from .console import Output, silent
 from .errors import NumericalError
 
-VERSION = 4
+VERSION = 5  # 5: --multi's window starts at the traced layers
 MIN_KNOWN = 4  # probe facts the model must answer for calibration to mean anything
 # Context templates while calibrating: candidates are compared with each other, on one template
 # besides the bare prompt, for a third of the cost of the edit's five (the edit keeps its own).
 CAL_PREFIXES = 1
 WIDTH = 3
 RELATIVE_ENDS = (0.33, 0.45, 0.6)  # where candidate windows end, as fractions of the depth
-MULTI_EXTRA = 2
+MULTI_EXTRA = 2  # --multi's window without tracing: the closed form's, this many layers lower
+MULTI_WIDTH = 5  # --multi's window from the traced layers
 MULTI_GENERAL = (1e4, 1e5, 1e6)
 # --multi's edit besides its weight: the exact solve and the keep-sets (docs/method.md). A profile
 # cached before a key was added here gets the key from here (``settings``).
@@ -95,8 +97,24 @@ def default_window(n_layers: int, width: int = WIDTH, first: int = 0) -> list[in
     return window_ending(max(width - 1, round(RELATIVE_ENDS[0] * n_layers)), n_layers, width, first)
 
 
-def multi_window(window: list[int], first: int = 0) -> list[int]:
-    """``--multi``'s window: ``window`` extended ``MULTI_EXTRA`` layers down, none below ``first``."""
+def multi_window(window: list[int], first: int = 0, traced: list[int] | None = None,
+                 n_layers: int | None = None) -> list[int]:
+    """``--multi``'s window.
+
+    Args:
+        window: the closed form's window.
+        first: the lowest layer a window may hold (``ArchSpec.first_window_layer``).
+        traced: the window causal tracing found, or None (none found, or no tracing).
+        n_layers: the model's depth (needed with ``traced``).
+
+    Returns:
+        With ``traced``: ``MULTI_WIDTH`` layers from its first layer, where the model recalls the
+        facts (measured there: more forgotten, more neighbours kept, fewer facts back after
+        quantisation or a fine-tune; docs/results.md, "--multi at the traced layers"). Without:
+        ``window`` extended ``MULTI_EXTRA`` layers down, none below ``first``.
+    """
+    if traced and n_layers:
+        return window_ending(traced[0] + MULTI_WIDTH - 1, n_layers, MULTI_WIDTH, first)
     return list(range(max(first, window[0] - MULTI_EXTRA), window[-1] + 1))
 
 
@@ -161,6 +179,15 @@ class Calibrator:
         self.base = measure(model, tok, self.edit, self.neighbours, self.text)
         self._targets: dict[tuple, tuple] = {}
 
+    def resize(self, n_edit: int) -> None:
+        """Edit ``n_edit`` probe facts from now on (the rest up to ``N_NEIGHBOURS`` are the neighbours)."""
+        from .probefacts import measure, split
+
+        self.edit, self.neighbours = split(self.known, n_edit)
+        self.requests = [f.request() for f in self.edit]
+        self.base = measure(self.model, self.tok, self.edit, self.neighbours, self.text)
+        self._targets.clear()
+
     def warm_statistics(self, layers: list[int], multi: bool = False) -> None:
         """Compute (or read) the statistics of every layer calibration may edit, in one pass."""
         from .keep import solve_moments
@@ -217,7 +244,7 @@ def calibrate(ckpt, model, tok, source: str, out: Output, multi: bool = False,
         CalibrationUnavailable: the model answers too few probe facts to calibrate on.
     """
     from .locate import TraceSettings, locate
-    from .probefacts import multi_rank_key, rank_key
+    from .probefacts import multi_edit_size, multi_rank_key, rank_key
 
     t0 = time.perf_counter()
     cal = Calibrator(ckpt, model, tok, source, out)
@@ -245,9 +272,13 @@ def calibrate(ckpt, model, tok, source: str, out: Output, multi: bool = False,
         layers, sensitive = best["layers"], best["sensitive"]
     else:
         layers, sensitive = prior.layers, prior.sensitive
-    mlayers = multi_window(layers, cal.spec.first_window_layer(ckpt.config))
+    tracing = figures.get("tracing", {})
+    mlayers = multi_window(layers, cal.spec.first_window_layer(ckpt.config),
+                           tracing.get("window") if tracing.get("found") else None, cal.n_layers)
     multi_hp = None
     if multi:
+        cal.resize(multi_edit_size(len(cal.known)))
+        figures["multi_edit_facts"] = [f.id for f in cal.edit]
         cal.warm_statistics(mlayers, multi=True)
         mcands = []
         with out.progress("calibration: --multi settings", len(MULTI_GENERAL)) as advance:

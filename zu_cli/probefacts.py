@@ -12,6 +12,10 @@ from .probes import perplexity, probe, read_text, token_ranks
 from .requests import Request
 
 N_EDIT = 8  # facts edited per candidate
+# --multi is for tens of requests, and how much its null space must hold back grows with what is
+# edited: its weight is chosen on a larger edit (on SmolLM2 an 8-fact edit chose 1e4, which at 50
+# requests costs +3.4 % perplexity where 1e5 costs +2.3 %; docs/results.md).
+N_EDIT_MULTI = 24
 N_NEIGHBOURS = 40  # other known facts that must stay answered
 PPL_CHARS = 6000  # the bundled prose's first characters, for the perplexity term (~1,300 tokens)
 # The design targets a calibrated edit is held to (design §7): forgotten, paraphrases still
@@ -66,16 +70,22 @@ def known_facts(model, tok) -> list[ProbeFact]:
             if f.id in keep]
 
 
-def split(facts: list[ProbeFact]) -> tuple[list[ProbeFact], list[ProbeFact]]:
-    """(edit set, neighbours): up to ``N_EDIT`` facts taken in turn from each relation (those with
+def multi_edit_size(n_known: int) -> int:
+    """How many probe facts --multi's calibration edits: ``N_EDIT_MULTI`` where the model knows enough
+    to keep ``N_NEIGHBOURS`` others, fewer down to ``N_EDIT`` where it does not."""
+    return min(N_EDIT_MULTI, max(N_EDIT, n_known - N_NEIGHBOURS))
+
+
+def split(facts: list[ProbeFact], n_edit: int = N_EDIT) -> tuple[list[ProbeFact], list[ProbeFact]]:
+    """(edit set, neighbours): up to ``n_edit`` facts taken in turn from each relation (those with
     a known paraphrase first), and up to ``N_NEIGHBOURS`` of the rest, in file order. Deterministic."""
     by_rel: dict[str, list[ProbeFact]] = {}
     for f in sorted(facts, key=lambda f: not f.paraphrases):  # stable: file order within each group
         by_rel.setdefault(f.relation, []).append(f)
     edit: list[ProbeFact] = []
-    while len(edit) < N_EDIT and any(by_rel.values()):
+    while len(edit) < n_edit and any(by_rel.values()):
         for rel in list(by_rel):
-            if by_rel[rel] and len(edit) < N_EDIT:
+            if by_rel[rel] and len(edit) < n_edit:
                 edit.append(by_rel[rel].pop(0))
     ids = {f.id for f in edit}
     return edit, [f for f in facts if f.id not in ids][:N_NEIGHBOURS]
