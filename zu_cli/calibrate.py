@@ -10,7 +10,7 @@ edit, cached by its weights' fingerprint.
 4. The sensitive-vector kind (``output`` or ``pushed``) on that window, the same way.
 5. ``--multi`` (only when asked): its window (``MULTI_WIDTH`` layers from the traced window's first
    layer; without a traced window the chosen one extended ``MULTI_EXTRA`` layers down) and its soft
-   null-space weight, among ``MULTI_GENERAL``, on the same facts.
+   null-space weight, among ``MULTI_GENERAL``, on a larger edit (``probefacts.multi_edit_size``).
 
 No request text of the user's enters calibration.
 """
@@ -29,7 +29,7 @@ from .config import Hyper
 from .console import Output, silent
 from .errors import NumericalError
 
-VERSION = 5  # 5: --multi's window starts at the traced layers
+VERSION = 5  # 5: --multi's window starts at the traced layers; its weight is chosen on 24 facts
 MIN_KNOWN = 4  # probe facts the model must answer for calibration to mean anything
 # Context templates while calibrating: candidates are compared with each other, on one template
 # besides the bare prompt, for a third of the cost of the edit's five (the edit keeps its own).
