@@ -81,7 +81,7 @@ def run_one(model: Path, req: Path, corpus: Path, multi: bool, device: str, dtyp
     import torch
 
     from zu_cli.arch import num_layers
-    from zu_cli.calibrate import default_window, multi_window
+    from zu_cli.windows import default_window, multi_window
     from zu_cli.checkpoint import open_checkpoint
     from zu_cli.config import load_config
     from zu_cli.console import silent

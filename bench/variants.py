@@ -44,7 +44,8 @@ def run_size(model_dir: Path, facts: list[dict], text: str, hp, variants: list[s
 
     from zu_cli import edit, update
     from zu_cli.arch import num_layers
-    from zu_cli.calibrate import default_window, load_profile, multi_window, settings
+    from zu_cli.calibrate import load_profile, settings
+    from zu_cli.windows import default_window, multi_window
     from zu_cli.checkpoint import open_checkpoint
     from zu_cli.loading import load_model
     from zu_cli.console import silent

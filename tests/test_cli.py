@@ -85,7 +85,7 @@ def test_sensitive_auto_resolves_per_variant():
 def test_windows_come_from_the_depth_not_from_a_model():
     """The default window (no calibration) ends at a third of the depth and keeps 30 % of the layers
     above; calibration's candidates end at fixed relative depths and at the traced window."""
-    from zu_cli.calibrate import candidate_windows, default_window
+    from zu_cli.windows import candidate_windows, default_window
 
     assert default_window(30) == [8, 9, 10] and default_window(24) == [6, 7, 8] and default_window(4) == [0, 1]
     assert candidate_windows(30, []) == [[8, 9, 10], [12, 13, 14], [16, 17, 18]]
@@ -97,7 +97,7 @@ def test_multi_window_starts_where_tracing_finds_the_facts():
     """--multi's window: five layers from the traced window's first layer (moved up past a layer a
     window may not hold, and down to keep 30 % of the layers above it); without a traced window,
     the closed form's extended two layers down."""
-    from zu_cli.calibrate import last_end, multi_window
+    from zu_cli.windows import last_end, multi_window
 
     assert multi_window([8, 9, 10], 0, [0, 1, 2], 30) == [0, 1, 2, 3, 4]
     assert multi_window([6, 7, 8], 0, [0, 1, 2], 24) == [0, 1, 2, 3, 4]
@@ -127,7 +127,7 @@ def test_parallel_blocks_never_edit_layer_0():
     from types import SimpleNamespace as NS
 
     from zu_cli.arch import lookup
-    from zu_cli.calibrate import candidate_windows, default_window
+    from zu_cli.windows import candidate_windows, default_window
 
     neox = NS(architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox", use_parallel_residual=True)
     assert lookup(neox).first_window_layer(neox) == 1

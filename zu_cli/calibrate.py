@@ -27,8 +27,7 @@ from typing import Any
 from .config import Hyper
 from .console import Output, silent
 from .errors import NumericalError
-from .windows import (MULTI_EXTRA, MULTI_WIDTH, RELATIVE_ENDS, WIDTH, candidate_windows, default_window,  # noqa: F401
-                      last_end, multi_window, window_ending)
+from .windows import WIDTH, candidate_windows, multi_window
 
 VERSION = 5  # 5: --multi's window starts at the traced layers; its weight is chosen on 24 facts
 MIN_KNOWN = 4  # probe facts the model must answer for calibration to mean anything
@@ -105,22 +104,20 @@ class Calibrator:
     def __init__(self, ckpt, model, tok, source: str, out: Output):
         from .arch import num_layers
         from .edit import context_templates
-        from .probefacts import known_facts, measure, ppl_text, split
+        from .probefacts import N_EDIT, known_facts, ppl_text
 
         self.ckpt, self.model, self.tok, self.spec, self.source, self.out = ckpt, model, tok, ckpt.spec, source, out
         self.n_layers = num_layers(self.spec, ckpt.config)
         self.hp = Hyper(n_prefixes=CAL_PREFIXES)
         with out.stage("calibration: the facts this model knows"):
             self.known = known_facts(model, tok)
-        self.edit, self.neighbours = split(self.known)
-        if len(self.edit) < MIN_KNOWN:
+        if min(len(self.known), N_EDIT) < MIN_KNOWN:
             raise CalibrationUnavailable(f"{ckpt.name} answers {len(self.known)} of zu's probe facts (calibration "
                                          f"needs {MIN_KNOWN})")
-        self.requests = [f.request() for f in self.edit]
         self.text = ppl_text()
         self.templates = context_templates(model, tok, self.hp)
-        self.base = measure(model, tok, self.edit, self.neighbours, self.text)
         self._targets: dict[tuple, tuple] = {}
+        self.resize(N_EDIT)
 
     def resize(self, n_edit: int) -> None:
         """Edit ``n_edit`` probe facts from now on (the rest up to ``N_NEIGHBOURS`` are the neighbours)."""

@@ -21,7 +21,8 @@ def choose_layers(asked, ckpt, model, tok, n_layers: int, requests, hp: Hyper, s
     Returns:
         (layers, how they were chosen, the tracing record or None, the calibration Profile or None).
     """
-    from .calibrate import CalibrationUnavailable, default_window, ensure_profile, multi_window
+    from .calibrate import CalibrationUnavailable, ensure_profile
+    from .windows import default_window, multi_window
 
     if isinstance(asked, list):
         return asked, "--layers", None, None
