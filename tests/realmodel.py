@@ -42,9 +42,17 @@ def fingerprint(model_dir) -> str:
 
 def seed_profile(model_dir, recorded: dict) -> None:
     """Store ``recorded`` (a profile zu calibrate wrote, as a dict) as this checkpoint's calibration,
-    so that a tier does not pay a cold calibration twice for one model (CI's time limit)."""
-    from zu_cli.calibrate import Profile, store_profile
+    so that a tier does not pay a cold calibration twice for one model (CI's time limit).
 
+    Raises:
+        AssertionError: the recording is of another calibration version, which zu would discard
+            and recalibrate cold (~30 min for Qwen in CI) before failing the tier.
+    """
+    from zu_cli.calibrate import VERSION, Profile, store_profile
+
+    assert recorded.get("version") == VERSION, (
+        f"recorded profile is calibration v{recorded.get('version')}, zu is v{VERSION}: "
+        "re-record it with `zu calibrate --model DIR --force --json`")
     store_profile(Profile(**{**recorded, "fingerprint": fingerprint(model_dir)}))
 
 

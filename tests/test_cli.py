@@ -121,6 +121,23 @@ def test_multi_calibration_edits_more_probe_facts():
     assert [f.relation for f in edit[:3]] == ["r0", "r1", "r2"] and split(facts)[0] == edit[:N_EDIT]
 
 
+def test_recorded_profiles_are_of_this_calibration_version():
+    """The Qwen tier seeds a profile `zu calibrate --json` recorded; one of an older version is
+    discarded by zu (profile_path and load_profile key by VERSION) and recalibrated cold, which
+    costs CI half an hour before the tier fails. Caught here, in the fast tier, instead."""
+    import json
+
+    from conftest import DATA
+    from zu_cli.calibrate import VERSION, Profile
+
+    paths = sorted(DATA.glob("calibration-*.json"))
+    assert paths, "no recorded profile under tests/data"
+    for path in paths:
+        recorded = json.loads(path.read_text())
+        assert recorded["version"] == VERSION, f"{path.name}: re-record with zu calibrate --force --json"
+        assert Profile(**recorded).layers == recorded["layers"]
+
+
 def test_parallel_blocks_never_edit_layer_0():
     """Where the MLP reads the block input in parallel with attention, layer 0's key at the last token
     is that token's embedding alone: windows move up past it (GPT-J always, NeoX by its flag)."""
