@@ -111,7 +111,7 @@ class Calibrator:
         self.hp = Hyper(n_prefixes=CAL_PREFIXES)
         with out.stage("calibration: the facts this model knows"):
             self.known = known_facts(model, tok)
-        if min(len(self.known), N_EDIT) < MIN_KNOWN:
+        if len(self.known) < MIN_KNOWN:
             raise CalibrationUnavailable(f"{ckpt.name} answers {len(self.known)} of zu's probe facts (calibration "
                                          f"needs {MIN_KNOWN})")
         self.text = ppl_text()
